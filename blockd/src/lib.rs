@@ -1,0 +1,5 @@
+//! blockd: the Fabric block daemon.
+
+pub mod buf;
+pub mod export;
+pub mod nbd;

@@ -1,0 +1,1 @@
+//! NBD server (fixed newstyle handshake, structured replies, base:allocation).

@@ -1,0 +1,153 @@
+//! The `/v1` API types: the JSON contract between volume-mgr, the agents (blockd) and fabctl.
+//!
+//! Every request body rejects unknown fields. Sizes are bytes (`u64`); the CLI parses
+//! human units. Times are milliseconds since the Unix epoch.
+
+use serde::{Deserialize, Serialize};
+
+/// Default chunk size of a volume (4 MiB), see DESIGN.md "Data path rules".
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+
+/// Error body of every non-2xx answer: a stable machine code and a one-line reason.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiError {
+    /// Stable code, e.g. `not_found`, `already_exists`, `invalid_argument`, `no_capacity`.
+    pub code: String,
+    /// One line, for humans.
+    pub message: String,
+}
+
+/// A list with the store revision it was read at (for long-poll watches).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct List<T> {
+    pub revision: u64,
+    pub items: Vec<T>,
+}
+
+/// A disk as an agent reports it when it registers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Path on the node (file or block device).
+    pub path: String,
+    /// Usable capacity in bytes (chunk slots only).
+    pub capacity: u64,
+    /// Bytes in use by chunks.
+    pub used: u64,
+}
+
+/// `PUT /v1/nodes/{name}`: an agent registers (or re-registers) itself and its disks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterNode {
+    /// Replica protocol address, `IP:PORT`.
+    pub address: String,
+    /// NBD TCP address, `IP:PORT`.
+    pub nbd_address: String,
+    /// NBD unix socket path, if any.
+    #[serde(default)]
+    pub nbd_socket: Option<String>,
+    /// Failure-domain label (rack); defaults to the node name.
+    #[serde(default)]
+    pub zone: Option<String>,
+    pub disks: Vec<DiskSpec>,
+}
+
+/// `PUT /v1/nodes/{name}/heartbeat`: liveness plus current disk usage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub disks: Vec<DiskSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Up,
+    Down,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub address: String,
+    pub nbd_address: String,
+    #[serde(default)]
+    pub nbd_socket: Option<String>,
+    pub zone: String,
+    pub state: NodeState,
+    /// Last heartbeat (or registration), ms since the epoch.
+    pub last_heartbeat_ms: u64,
+    pub registered_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub node: String,
+    pub path: String,
+    pub capacity: u64,
+    pub used: u64,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    /// Bytes; must be a positive multiple of 4096.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub name: String,
+    /// Cluster-unique, never reused; chunk stores key chunks by it.
+    pub id: u64,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub replicas: u32,
+    pub created_ms: u64,
+}
+
+/// Volume names: 1..=64 chars of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn validate_volume_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("volume name must be 1 to 64 characters, got {}", name.len()));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err("volume name must not start with '.' or '-'".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!("volume name contains {c:?}; allowed: A-Z a-z 0-9 . _ -"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names() {
+        assert!(validate_volume_name("vm1-disk.0_a").is_ok());
+        assert!(validate_volume_name("").is_err());
+        assert!(validate_volume_name("-x").is_err());
+        assert!(validate_volume_name("a/b").is_err());
+        assert!(validate_volume_name(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_rejected() {
+        let r: Result<CreateVolume, _> =
+            serde_json::from_str(r#"{"name":"a","size":4096,"bogus":1}"#);
+        assert!(r.is_err());
+    }
+}

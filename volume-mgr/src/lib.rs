@@ -1,0 +1,3 @@
+//! volume-mgr: the Fabric control plane.
+
+pub mod api;
