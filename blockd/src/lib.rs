@@ -5,4 +5,5 @@ pub mod chunkstore;
 pub mod export;
 pub mod nbd;
 pub mod sys;
+pub mod volume;
 pub mod uring;
