@@ -1,1 +1,93 @@
-fn main() {}
+//! blockd: flags and config, logging, signals; everything else is in the library.
+
+use blockd::config::FileConfig;
+use clap::Parser;
+use std::path::PathBuf;
+
+/// Fabric block daemon: pools this host's disks into a chunk store and serves volumes over NBD.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file (kebab-case keys, same names as the flags; flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// volume-mgr URL(s), comma-separated [default: http://127.0.0.1:7700]
+    #[arg(long)]
+    manager: Option<String>,
+    /// Node name [default: the host name]
+    #[arg(long)]
+    node: Option<String>,
+    /// Replica protocol address, IP:PORT [default: 127.0.0.1:7800]
+    #[arg(long)]
+    listen: Option<String>,
+    /// NBD TCP address ("none" to disable) [default: 127.0.0.1:10809]
+    #[arg(long)]
+    nbd_listen: Option<String>,
+    /// NBD unix socket path
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
+    /// /metrics and /healthz address ("none" to disable) [default: 127.0.0.1:7801]
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// A disk: file or block device, PATH[:SIZE] (a missing file is created with SIZE). Repeatable.
+    #[arg(long)]
+    disk: Vec<String>,
+    /// Failure-domain label (rack) [default: the node name]
+    #[arg(long)]
+    zone: Option<String>,
+    /// Heartbeat period [default: 1s]
+    #[arg(long)]
+    heartbeat_interval: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let file = match &args.config {
+        Some(p) => match FileConfig::from_file(p) {
+            Ok(f) => f,
+            Err(e) => return fail(&e),
+        },
+        None => FileConfig::default(),
+    };
+    let flags = FileConfig {
+        manager: args.manager,
+        node: args.node,
+        listen: args.listen,
+        nbd_listen: args.nbd_listen,
+        nbd_socket: args.nbd_socket,
+        http_listen: args.http_listen,
+        disk: args.disk,
+        zone: args.zone,
+        heartbeat_interval: args.heartbeat_interval,
+    };
+    let cfg = match file.overlay(flags).resolve() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("tokio runtime: {e}")),
+    };
+    match rt.block_on(blockd::daemon::run(cfg, shutdown_signal())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn fail(msg: &str) -> std::process::ExitCode {
+    eprintln!("blockd: {msg}");
+    std::process::ExitCode::FAILURE
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

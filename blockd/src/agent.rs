@@ -1,0 +1,113 @@
+//! The agent side of blockd: registers the node and its disks with volume-mgr, heartbeats,
+//! and follows the volume list through a long-poll watch so the catalog (and the data of
+//! deleted volumes) stays in step with the control plane.
+
+use crate::chunkstore::ChunkStore;
+use crate::config::Config;
+use crate::volume::{VolumeCatalog, VolumeInfo, VolumeLookup};
+use std::sync::Arc;
+use std::time::Duration;
+use volume_mgr::api;
+use volume_mgr::client::Client;
+
+/// Looks volumes up in volume-mgr (for export names not seen through the watch yet).
+#[derive(Clone)]
+pub struct ManagerLookup {
+    pub client: Client,
+}
+
+impl VolumeLookup for ManagerLookup {
+    async fn lookup(&self, name: &str) -> Option<VolumeInfo> {
+        match self.client.get_volume(name).await {
+            Ok(v) => Some(VolumeInfo { name: v.name, id: v.id, size: v.size }),
+            Err(e) => {
+                tracing::debug!(volume = name, error = %e, "volume lookup failed");
+                None
+            }
+        }
+    }
+}
+
+fn disk_specs(store: &ChunkStore) -> Vec<api::DiskSpec> {
+    store.stats().into_iter().map(|s| api::DiskSpec { path: s.path, capacity: s.capacity, used: s.used }).collect()
+}
+
+fn registration(cfg: &Config, store: &ChunkStore) -> api::RegisterNode {
+    api::RegisterNode {
+        address: cfg.listen.to_string(),
+        nbd_address: cfg.nbd_listen.map(|a| a.to_string()).unwrap_or_default(),
+        nbd_socket: cfg.nbd_socket.as_ref().map(|p| p.display().to_string()),
+        zone: cfg.zone.clone(),
+        disks: disk_specs(store),
+    }
+}
+
+/// Registers, then heartbeats every `heartbeat_interval` (re-registering if the manager
+/// forgot the node). Runs until the task is dropped.
+pub async fn heartbeat_loop(cfg: Arc<Config>, client: Client, store: Arc<ChunkStore>) {
+    let mut registered = false;
+    let mut failures = 0u32;
+    loop {
+        let r = if registered {
+            client.heartbeat(&cfg.node, &api::Heartbeat { disks: disk_specs(&store) }).await
+        } else {
+            client.register_node(&cfg.node, &registration(&cfg, &store)).await.map(|_| ())
+        };
+        match r {
+            Ok(()) => {
+                if !registered {
+                    tracing::info!(node = %cfg.node, "registered with volume-mgr");
+                }
+                registered = true;
+                failures = 0;
+            }
+            Err(e) => {
+                if e.is_not_found() {
+                    registered = false;
+                }
+                failures += 1;
+                // One warning per outage plus one every minute or so, not one per beat.
+                if failures == 1 || failures % 60 == 0 {
+                    tracing::warn!(node = %cfg.node, error = %e, failures, "cannot reach volume-mgr");
+                }
+            }
+        }
+        tokio::time::sleep(cfg.heartbeat_interval).await;
+    }
+}
+
+/// Follows the volume list; deletes the data of volumes that disappear.
+pub async fn watch_loop<L: VolumeLookup>(client: Client, catalog: Arc<VolumeCatalog<L>>) {
+    let mut revision = 0u64;
+    let mut failures = 0u32;
+    loop {
+        match client.watch_volumes(revision, Duration::from_secs(30)).await {
+            Ok(list) => {
+                failures = 0;
+                revision = list.revision;
+                let infos: Vec<VolumeInfo> = list.items.into_iter().map(|v| VolumeInfo { name: v.name, id: v.id, size: v.size }).collect();
+                let mut gone = catalog.sync(&infos);
+                // Chunks of volumes the manager no longer has (deleted while we were down).
+                let known: std::collections::BTreeSet<u64> = infos.iter().map(|i| i.id).collect();
+                for id in catalog.store().volumes() {
+                    if !known.contains(&id) && !gone.contains(&id) {
+                        gone.push(id);
+                    }
+                }
+                for id in gone {
+                    match catalog.store().delete_volume(id).await {
+                        Ok(n) => tracing::info!(volume_id = id, chunks = n, "deleted data of removed volume"),
+                        Err(e) => tracing::error!(volume_id = id, error = %e, "deleting data of removed volume failed"),
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 30 == 0 {
+                    tracing::warn!(error = %e, failures, "volume watch failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis((200 * failures as u64).min(2000))).await;
+            }
+        }
+    }
+}

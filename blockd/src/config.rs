@@ -1,0 +1,160 @@
+//! blockd configuration: TOML file (`--config`, kebab-case keys) overlaid by flags.
+
+use crate::chunkstore::{parse_size, DiskConfig};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Keys of the TOML file; every one can also be given as a flag (flags win).
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub manager: Option<String>,
+    pub node: Option<String>,
+    pub listen: Option<String>,
+    pub nbd_listen: Option<String>,
+    pub nbd_socket: Option<PathBuf>,
+    pub http_listen: Option<String>,
+    #[serde(default)]
+    pub disk: Vec<String>,
+    pub zone: Option<String>,
+    pub heartbeat_interval: Option<String>,
+}
+
+/// The validated configuration blockd runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// volume-mgr URLs (comma-separated on the command line; the first that answers is used).
+    pub manager: Vec<String>,
+    pub node: String,
+    /// Replica protocol address (registered with volume-mgr).
+    pub listen: SocketAddr,
+    pub nbd_listen: Option<SocketAddr>,
+    pub nbd_socket: Option<PathBuf>,
+    /// `/metrics` and `/healthz`.
+    pub http_listen: Option<SocketAddr>,
+    pub disks: Vec<DiskConfig>,
+    pub zone: Option<String>,
+    pub heartbeat_interval: Duration,
+}
+
+/// Parses `5s`, `500ms`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let v: f64 = n.trim().parse().map_err(|_| format!("invalid duration {s:?} (use e.g. 5s, 500ms)"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "ms" => v / 1000.0,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn addr(key: &str, s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("{key}: {s:?} is not an IP:PORT address"))
+}
+
+impl FileConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    /// `self` overlaid with `flags` (flags win; disks from flags replace the file's).
+    pub fn overlay(self, flags: FileConfig) -> FileConfig {
+        FileConfig {
+            manager: flags.manager.or(self.manager),
+            node: flags.node.or(self.node),
+            listen: flags.listen.or(self.listen),
+            nbd_listen: flags.nbd_listen.or(self.nbd_listen),
+            nbd_socket: flags.nbd_socket.or(self.nbd_socket),
+            http_listen: flags.http_listen.or(self.http_listen),
+            disk: if flags.disk.is_empty() { self.disk } else { flags.disk },
+            zone: flags.zone.or(self.zone),
+            heartbeat_interval: flags.heartbeat_interval.or(self.heartbeat_interval),
+        }
+    }
+
+    /// Applies defaults and validates.
+    pub fn resolve(self) -> Result<Config, String> {
+        let node = match self.node {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into()),
+        };
+        if node.is_empty() || !node.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(format!("node: {node:?} is not a valid node name (A-Z a-z 0-9 - _ .)"));
+        }
+        if self.disk.is_empty() {
+            return Err("no disks: give at least one --disk PATH[:SIZE]".into());
+        }
+        let disks = self.disk.iter().map(|d| DiskConfig::parse(d)).collect::<Result<Vec<_>, _>>()?;
+        let nbd_listen = match self.nbd_listen.as_deref() {
+            Some("") | Some("none") => None,
+            Some(s) => Some(addr("nbd-listen", s)?),
+            None => Some(addr("nbd-listen", "127.0.0.1:10809")?),
+        };
+        let http_listen = match self.http_listen.as_deref() {
+            Some("") | Some("none") => None,
+            Some(s) => Some(addr("http-listen", s)?),
+            None => Some(addr("http-listen", "127.0.0.1:7801")?),
+        };
+        let manager: Vec<String> = self.manager.as_deref().unwrap_or("http://127.0.0.1:7700").split(',').map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect();
+        if manager.is_empty() || manager.iter().any(|m| !(m.starts_with("http://") || m.starts_with("https://"))) {
+            return Err("manager: give http://HOST:PORT URLs".into());
+        }
+        let heartbeat_interval = parse_duration(self.heartbeat_interval.as_deref().unwrap_or("1s"))?;
+        if heartbeat_interval.is_zero() {
+            return Err("heartbeat-interval must be positive".into());
+        }
+        let _ = parse_size; // sizes are parsed by DiskConfig
+        Ok(Config {
+            manager,
+            node,
+            listen: addr("listen", self.listen.as_deref().unwrap_or("127.0.0.1:7800"))?,
+            nbd_listen,
+            nbd_socket: self.nbd_socket,
+            http_listen,
+            disks,
+            zone: self.zone,
+            heartbeat_interval,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let file: FileConfig = toml::from_str("node = \"a\"\ndisk = [\"/d/x:1G\"]\nnbd-listen = \"127.0.0.1:1\"\nheartbeat-interval = \"500ms\"\n").unwrap();
+        let flags = FileConfig { node: Some("b".into()), ..Default::default() };
+        let c = file.overlay(flags).resolve().unwrap();
+        assert_eq!(c.node, "b");
+        assert_eq!(c.nbd_listen, Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(c.disks[0].size, Some(1 << 30));
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(c.manager, vec!["http://127.0.0.1:7700".to_string()]);
+        assert_eq!(c.listen, "127.0.0.1:7800".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        let base = || FileConfig { node: Some("n".into()), disk: vec!["/x:1G".into()], ..Default::default() };
+        assert!(FileConfig { disk: vec![], ..base() }.resolve().unwrap_err().contains("--disk"));
+        assert!(FileConfig { listen: Some("nope".into()), ..base() }.resolve().unwrap_err().contains("listen"));
+        assert!(FileConfig { node: Some("a b".into()), ..base() }.resolve().is_err());
+        assert!(FileConfig { manager: Some("ftp://x".into()), ..base() }.resolve().is_err());
+        assert!(FileConfig { heartbeat_interval: Some("5 parsecs".into()), ..base() }.resolve().is_err());
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    }
+}

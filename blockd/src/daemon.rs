@@ -1,0 +1,109 @@
+//! Starting and stopping blockd: the chunk store, the NBD listeners, the agent loops and the
+//! HTTP endpoint (`/metrics`, `/healthz`). `fabctl up` runs this in-process.
+
+use crate::agent::{self, ManagerLookup};
+use crate::chunkstore::{ChunkStore, StoreError};
+use crate::config::Config;
+use crate::nbd;
+use crate::volume::VolumeCatalog;
+use std::future::Future;
+use std::sync::Arc;
+use volume_mgr::client::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen { what: &'static str, addr: String, source: std::io::Error },
+    #[error("flushing the chunk store at shutdown failed: {0}")]
+    Close(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+type Catalog = VolumeCatalog<ManagerLookup>;
+
+/// Runs blockd until `shutdown` resolves, then stops accepting, flushes and marks the disks
+/// clean.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+    let cfg = Arc::new(cfg);
+    let disks = cfg.disks.clone();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || ChunkStore::open(&disks))
+            .await
+            .map_err(|e| DaemonError::Other(format!("opening disks: {e}")))??,
+    );
+    let client = Client::new(cfg.manager.clone());
+    let catalog: Arc<Catalog> = Arc::new(VolumeCatalog::new(store.clone(), ManagerLookup { client: client.clone() }));
+    let metrics = Arc::new(nbd::NbdMetrics::default());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(agent::heartbeat_loop(cfg.clone(), client.clone(), store.clone()));
+    tasks.spawn(agent::watch_loop(client.clone(), catalog.clone()));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = cfg.nbd_listen {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen { what: "NBD", addr: addr.to_string(), source })?;
+        tracing::info!(%addr, "NBD listening on TCP");
+        tasks.spawn(nbd::serve_tcp(l, catalog.clone(), metrics.clone(), stop_rx.clone()));
+    }
+    if let Some(path) = &cfg.nbd_socket {
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        // A socket left by a previous run (kill -9) would make bind fail.
+        if std::os::unix::net::UnixStream::connect(path).is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        let l = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Listen { what: "NBD socket", addr: path.display().to_string(), source })?;
+        tracing::info!(path = %path.display(), "NBD listening on unix socket");
+        tasks.spawn(nbd::serve_unix(l, catalog.clone(), metrics.clone(), stop_rx.clone()));
+    }
+    if let Some(addr) = cfg.http_listen {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen { what: "HTTP", addr: addr.to_string(), source })?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        let app = http_router(store.clone(), metrics.clone());
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            let _ = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+    }
+
+    shutdown.await;
+    tracing::info!("blockd stopping");
+    let _ = stop_tx.send(true);
+    // Give connections a moment to finish their requests, then stop everything.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+    tasks.abort_all();
+    if let Some(path) = &cfg.nbd_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    store.close().await.map_err(|e| DaemonError::Close(e.to_string()))?;
+    tracing::info!("blockd stopped cleanly");
+    Ok(())
+}
+
+fn http_router(store: Arc<ChunkStore>, metrics: Arc<nbd::NbdMetrics>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let store = store.clone();
+                let metrics = metrics.clone();
+                async move {
+                    let mut out = String::new();
+                    store.render_prometheus(&mut out);
+                    metrics.render_prometheus(&mut out);
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+                }
+            }),
+        )
+}
