@@ -1,9 +1,14 @@
-//! blockd: the Fabric block daemon.
+//! blockd: the Fabric block daemon. A chunk store over the host's disks (io_uring, crc32 per
+//! block, chunk versions) and the NBD gateway that serves volumes to the VMs on this host.
 
+// pub mod agent; (enabled once volume_mgr::client lands)
 pub mod buf;
 pub mod chunkstore;
+pub mod config;
+// pub mod daemon; (enabled once nbd::serve_* lands)
 pub mod export;
 pub mod nbd;
+pub mod nbdgw;
 pub mod sys;
-pub mod volume;
 pub mod uring;
+pub mod volume;
