@@ -393,7 +393,7 @@ where
 pub async fn serve_tcp<C: ExportCatalog>(listener: tokio::net::TcpListener, catalog: Arc<C>, metrics: Arc<NbdMetrics>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
             r = listener.accept() => match r {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
@@ -413,7 +413,7 @@ pub async fn serve_tcp<C: ExportCatalog>(listener: tokio::net::TcpListener, cata
 pub async fn serve_unix<C: ExportCatalog>(listener: tokio::net::UnixListener, catalog: Arc<C>, metrics: Arc<NbdMetrics>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
             r = listener.accept() => match r {
                 Ok((s, _)) => {
                     let (rd, wr) = s.into_split();
