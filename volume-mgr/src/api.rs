@@ -151,3 +151,12 @@ mod tests {
         assert!(r.is_err());
     }
 }
+
+/// `GET /v1/cluster`: identity of the cluster (agents record it on their disks and refuse a
+/// manager with another one, so a wiped manager can never be mistaken for the old cluster).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterInfo {
+    pub cluster_id: String,
+    pub revision: u64,
+}

@@ -1,3 +1,11 @@
-//! volume-mgr: the Fabric control plane.
+//! volume-mgr: the Fabric control plane. Owns the cluster state (nodes, disks, volumes),
+//! serves the `/v1` HTTP/JSON API, and provides the client library the agents and fabctl use.
 
 pub mod api;
+pub mod client;
+pub mod humantime_serde;
+pub mod metrics;
+pub mod server;
+pub mod store;
+
+pub use server::{serve, Config};

@@ -1,0 +1,195 @@
+//! The control-plane store: a small key/value trait with atomic, conditional batches and a
+//! revision that every commit bumps (what watches follow). `RedbStore` is the embedded,
+//! crash-safe default (each commit is fsynced before it returns); an etcd backend can
+//! implement the same trait and run the same conformance suite (`conformance`).
+
+use std::path::Path;
+
+/// Kinds of objects (the first part of a key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Node,
+    Disk,
+    Volume,
+    Meta,
+}
+
+impl Kind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::Node => "node/",
+            Kind::Disk => "disk/",
+            Kind::Volume => "volume/",
+            Kind::Meta => "meta/",
+        }
+    }
+}
+
+/// One change in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put(Kind, String, Vec<u8>),
+    Delete(Kind, String),
+}
+
+/// A condition the batch needs; if any fails nothing is applied (compare-and-swap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cond {
+    /// The key holds exactly this value (`None`: the key is absent).
+    Equals(Kind, String, Option<Vec<u8>>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("precondition failed on {0}")]
+    Conflict(String),
+    #[error("store: {0}")]
+    Backend(String),
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// All objects of a kind, sorted by name, with the revision they were read at.
+    fn list(&self, kind: Kind) -> Result<(u64, Vec<(String, Vec<u8>)>), StoreError>;
+    /// Applies `ops` atomically if every condition holds; returns the new revision.
+    fn commit(&self, conds: &[Cond], ops: &[Op]) -> Result<u64, StoreError>;
+    fn revision(&self) -> Result<u64, StoreError>;
+}
+
+const OBJECTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("objects");
+const REVISION: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("revision");
+
+/// The embedded store: one redb file.
+pub struct RedbStore {
+    db: redb::Database,
+}
+
+fn be<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn key(kind: Kind, name: &str) -> String {
+    format!("{}{}", kind.prefix(), name)
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let db = redb::Database::create(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(be)?;
+        {
+            tx.open_table(OBJECTS).map_err(be)?;
+            tx.open_table(REVISION).map_err(be)?;
+        }
+        tx.commit().map_err(be)?;
+        Ok(RedbStore { db })
+    }
+}
+
+impl Store for RedbStore {
+    fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read().map_err(be)?;
+        let t = tx.open_table(OBJECTS).map_err(be)?;
+        Ok(t.get(key(kind, name).as_str()).map_err(be)?.map(|v| v.value().to_vec()))
+    }
+
+    fn list(&self, kind: Kind) -> Result<(u64, Vec<(String, Vec<u8>)>), StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read().map_err(be)?;
+        let t = tx.open_table(OBJECTS).map_err(be)?;
+        let r = tx.open_table(REVISION).map_err(be)?;
+        let rev = r.get("rev").map_err(be)?.map(|v| v.value()).unwrap_or(0);
+        let p = kind.prefix();
+        let end = format!("{}\u{10ffff}", p);
+        let mut out = Vec::new();
+        for item in t.range(p..end.as_str()).map_err(be)? {
+            let (k, v) = item.map_err(be)?;
+            out.push((k.value()[p.len()..].to_string(), v.value().to_vec()));
+        }
+        Ok((rev, out))
+    }
+
+    fn commit(&self, conds: &[Cond], ops: &[Op]) -> Result<u64, StoreError> {
+        use redb::ReadableTable;
+        let tx = self.db.begin_write().map_err(be)?;
+        let rev;
+        {
+            let mut t = tx.open_table(OBJECTS).map_err(be)?;
+            for c in conds {
+                let Cond::Equals(kind, name, want) = c;
+                let k = key(*kind, name);
+                let have = t.get(k.as_str()).map_err(be)?.map(|v| v.value().to_vec());
+                if &have != want {
+                    return Err(StoreError::Conflict(k));
+                }
+            }
+            for op in ops {
+                match op {
+                    Op::Put(kind, name, v) => {
+                        t.insert(key(*kind, name).as_str(), v.as_slice()).map_err(be)?;
+                    }
+                    Op::Delete(kind, name) => {
+                        t.remove(key(*kind, name).as_str()).map_err(be)?;
+                    }
+                }
+            }
+            let mut r = tx.open_table(REVISION).map_err(be)?;
+            let cur = r.get("rev").map_err(be)?.map(|v| v.value()).unwrap_or(0);
+            rev = cur + 1;
+            r.insert("rev", rev).map_err(be)?;
+        }
+        // Durability::Immediate (the default): the commit is on disk when this returns.
+        tx.commit().map_err(be)?;
+        Ok(rev)
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read().map_err(be)?;
+        let r = tx.open_table(REVISION).map_err(be)?;
+        Ok(r.get("rev").map_err(be)?.map(|v| v.value()).unwrap_or(0))
+    }
+}
+
+/// The behaviour every `Store` must have; backends call this from their tests.
+pub fn conformance(s: &dyn Store) {
+    let r0 = s.revision().unwrap();
+    assert_eq!(s.get(Kind::Volume, "a").unwrap(), None);
+    let r1 = s.commit(&[Cond::Equals(Kind::Volume, "a".into(), None)], &[Op::Put(Kind::Volume, "a".into(), b"1".to_vec())]).unwrap();
+    assert!(r1 > r0);
+    assert_eq!(s.get(Kind::Volume, "a").unwrap(), Some(b"1".to_vec()));
+    // A failed condition applies nothing and does not bump the revision.
+    let e = s.commit(&[Cond::Equals(Kind::Volume, "a".into(), None)], &[Op::Put(Kind::Volume, "b".into(), b"2".to_vec())]);
+    assert!(matches!(e, Err(StoreError::Conflict(_))));
+    assert_eq!(s.get(Kind::Volume, "b").unwrap(), None);
+    assert_eq!(s.revision().unwrap(), r1);
+    // Compare-and-swap on a value.
+    s.commit(&[Cond::Equals(Kind::Volume, "a".into(), Some(b"1".to_vec()))], &[Op::Put(Kind::Volume, "a".into(), b"3".to_vec()), Op::Put(Kind::Node, "n".into(), b"x".to_vec())]).unwrap();
+    assert!(s.commit(&[Cond::Equals(Kind::Volume, "a".into(), Some(b"1".to_vec()))], &[]).is_err());
+    // Kinds are separate namespaces; lists are sorted and carry the revision.
+    s.commit(&[], &[Op::Put(Kind::Volume, "0z".into(), b"z".to_vec())]).unwrap();
+    let (rev, items) = s.list(Kind::Volume).unwrap();
+    assert_eq!(rev, s.revision().unwrap());
+    assert_eq!(items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["0z", "a"]);
+    assert_eq!(s.list(Kind::Node).unwrap().1.len(), 1);
+    s.commit(&[], &[Op::Delete(Kind::Volume, "a".into())]).unwrap();
+    assert_eq!(s.get(Kind::Volume, "a").unwrap(), None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redb_conformance_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.redb");
+        {
+            let s = RedbStore::open(&p).unwrap();
+            conformance(&s);
+        }
+        let s = RedbStore::open(&p).unwrap();
+        assert_eq!(s.get(Kind::Volume, "0z").unwrap(), Some(b"z".to_vec()));
+        assert_eq!(s.revision().unwrap(), 4);
+    }
+}
