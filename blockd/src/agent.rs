@@ -5,6 +5,7 @@
 use crate::chunkstore::ChunkStore;
 use crate::config::Config;
 use crate::volume::{VolumeCatalog, VolumeInfo, VolumeLookup};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use volume_mgr::api;
@@ -14,10 +15,15 @@ use volume_mgr::client::Client;
 #[derive(Clone)]
 pub struct ManagerLookup {
     pub client: Client,
+    /// Set once the manager's cluster id matched the disks'; nothing is served before.
+    pub verified: Arc<AtomicBool>,
 }
 
 impl VolumeLookup for ManagerLookup {
     async fn lookup(&self, name: &str) -> Option<VolumeInfo> {
+        if !self.verified.load(Ordering::Acquire) {
+            return None;
+        }
         match self.client.get_volume(name).await {
             Ok(v) => Some(VolumeInfo { name: v.name, id: v.id, size: v.size }),
             Err(e) => {
@@ -76,10 +82,45 @@ pub async fn heartbeat_loop(cfg: Arc<Config>, client: Client, store: Arc<ChunkSt
     }
 }
 
+/// Checks that the manager runs the cluster these disks belong to (recording its id on
+/// first contact). A manager with another id (a wiped or different cluster) would hand out
+/// volume ids that collide with the data here: blockd then serves nothing and deletes nothing.
+async fn same_cluster(client: &Client, store: &Arc<ChunkStore>) -> Result<(), String> {
+    let info = client.cluster().await.map_err(|e| e.to_string())?;
+    let mine = store.cluster_id();
+    if mine.is_empty() {
+        let s = store.clone();
+        let id = info.cluster_id.clone();
+        tokio::task::spawn_blocking(move || s.set_cluster_id(&id)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        tracing::info!(cluster_id = %info.cluster_id, "disks joined cluster");
+        return Ok(());
+    }
+    if mine != info.cluster_id {
+        return Err(format!("disks belong to cluster {mine}, but volume-mgr runs cluster {}; refusing to serve or delete anything", info.cluster_id));
+    }
+    Ok(())
+}
+
 /// Follows the volume list; deletes the data of volumes that disappear.
-pub async fn watch_loop<L: VolumeLookup>(client: Client, catalog: Arc<VolumeCatalog<L>>) {
+pub async fn watch_loop<L: VolumeLookup>(client: Client, catalog: Arc<VolumeCatalog<L>>, verified: Arc<AtomicBool>) {
     let mut revision = 0u64;
     let mut failures = 0u32;
+    loop {
+        match same_cluster(&client, catalog.store()).await {
+            Ok(()) => {
+                verified.store(true, Ordering::Release);
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 30 == 0 {
+                    tracing::error!(error = %e, "cluster identity check failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    failures = 0;
     loop {
         match client.watch_volumes(revision, Duration::from_secs(30)).await {
             Ok(list) => {

@@ -4,7 +4,7 @@
 use crate::agent::{self, ManagerLookup};
 use crate::chunkstore::{ChunkStore, StoreError};
 use crate::config::Config;
-use crate::nbd;
+use crate::nbdgw as nbd;
 use crate::volume::VolumeCatalog;
 use std::future::Future;
 use std::sync::Arc;
@@ -35,12 +35,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
             .map_err(|e| DaemonError::Other(format!("opening disks: {e}")))??,
     );
     let client = Client::new(cfg.manager.clone());
-    let catalog: Arc<Catalog> = Arc::new(VolumeCatalog::new(store.clone(), ManagerLookup { client: client.clone() }));
+    let verified = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let catalog: Arc<Catalog> = Arc::new(VolumeCatalog::new(store.clone(), ManagerLookup { client: client.clone(), verified: verified.clone() }));
     let metrics = Arc::new(nbd::NbdMetrics::default());
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(agent::heartbeat_loop(cfg.clone(), client.clone(), store.clone()));
-    tasks.spawn(agent::watch_loop(client.clone(), catalog.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = cfg.nbd_listen {
@@ -73,6 +72,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
                 .await;
         });
     }
+
+    // Listeners are bound: now tell the manager we are here.
+    tasks.spawn(agent::heartbeat_loop(cfg.clone(), client.clone(), store.clone()));
+    tasks.spawn(agent::watch_loop(client.clone(), catalog.clone(), verified));
 
     shutdown.await;
     tracing::info!("blockd stopping");

@@ -1,11 +1,11 @@
 //! blockd: the Fabric block daemon. A chunk store over the host's disks (io_uring, crc32 per
 //! block, chunk versions) and the NBD gateway that serves volumes to the VMs on this host.
 
-// pub mod agent; (enabled once volume_mgr::client lands)
+pub mod agent;
 pub mod buf;
 pub mod chunkstore;
 pub mod config;
-// pub mod daemon; (enabled once nbd::serve_* lands)
+pub mod daemon;
 pub mod export;
 pub mod nbd;
 pub mod nbdgw;
