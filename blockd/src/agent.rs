@@ -25,7 +25,11 @@ impl VolumeLookup for ManagerLookup {
             return None;
         }
         match self.client.get_volume(name).await {
-            Ok(v) => Some(VolumeInfo { name: v.name, id: v.id, size: v.size }),
+            Ok(v) => Some(VolumeInfo {
+                name: v.name,
+                id: v.id,
+                size: v.size,
+            }),
             Err(e) => {
                 tracing::debug!(volume = name, error = %e, "volume lookup failed");
                 None
@@ -35,7 +39,15 @@ impl VolumeLookup for ManagerLookup {
 }
 
 fn disk_specs(store: &ChunkStore) -> Vec<api::DiskSpec> {
-    store.stats().into_iter().map(|s| api::DiskSpec { path: s.path, capacity: s.capacity, used: s.used }).collect()
+    store
+        .stats()
+        .into_iter()
+        .map(|s| api::DiskSpec {
+            path: s.path,
+            capacity: s.capacity,
+            used: s.used,
+        })
+        .collect()
 }
 
 fn registration(cfg: &Config, store: &ChunkStore) -> api::RegisterNode {
@@ -55,9 +67,19 @@ pub async fn heartbeat_loop(cfg: Arc<Config>, client: Client, store: Arc<ChunkSt
     let mut failures = 0u32;
     loop {
         let r = if registered {
-            client.heartbeat(&cfg.node, &api::Heartbeat { disks: disk_specs(&store) }).await
+            client
+                .heartbeat(
+                    &cfg.node,
+                    &api::Heartbeat {
+                        disks: disk_specs(&store),
+                    },
+                )
+                .await
         } else {
-            client.register_node(&cfg.node, &registration(&cfg, &store)).await.map(|_| ())
+            client
+                .register_node(&cfg.node, &registration(&cfg, &store))
+                .await
+                .map(|_| ())
         };
         match r {
             Ok(()) => {
@@ -73,7 +95,7 @@ pub async fn heartbeat_loop(cfg: Arc<Config>, client: Client, store: Arc<ChunkSt
                 }
                 failures += 1;
                 // One warning per outage plus one every minute or so, not one per beat.
-                if failures == 1 || failures % 60 == 0 {
+                if failures == 1 || failures.is_multiple_of(60) {
                     tracing::warn!(node = %cfg.node, error = %e, failures, "cannot reach volume-mgr");
                 }
             }
@@ -91,7 +113,10 @@ async fn same_cluster(client: &Client, store: &Arc<ChunkStore>) -> Result<(), St
     if mine.is_empty() {
         let s = store.clone();
         let id = info.cluster_id.clone();
-        tokio::task::spawn_blocking(move || s.set_cluster_id(&id)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || s.set_cluster_id(&id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         tracing::info!(cluster_id = %info.cluster_id, "disks joined cluster");
         return Ok(());
     }
@@ -102,7 +127,11 @@ async fn same_cluster(client: &Client, store: &Arc<ChunkStore>) -> Result<(), St
 }
 
 /// Follows the volume list; deletes the data of volumes that disappear.
-pub async fn watch_loop<L: VolumeLookup>(client: Client, catalog: Arc<VolumeCatalog<L>>, verified: Arc<AtomicBool>) {
+pub async fn watch_loop<L: VolumeLookup>(
+    client: Client,
+    catalog: Arc<VolumeCatalog<L>>,
+    verified: Arc<AtomicBool>,
+) {
     let mut revision = 0u64;
     let mut failures = 0u32;
     loop {
@@ -113,7 +142,7 @@ pub async fn watch_loop<L: VolumeLookup>(client: Client, catalog: Arc<VolumeCata
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     tracing::error!(error = %e, "cluster identity check failed; retrying");
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -122,11 +151,22 @@ pub async fn watch_loop<L: VolumeLookup>(client: Client, catalog: Arc<VolumeCata
     }
     failures = 0;
     loop {
-        match client.watch_volumes(revision, Duration::from_secs(30)).await {
+        match client
+            .watch_volumes(revision, Duration::from_secs(30))
+            .await
+        {
             Ok(list) => {
                 failures = 0;
                 revision = list.revision;
-                let infos: Vec<VolumeInfo> = list.items.into_iter().map(|v| VolumeInfo { name: v.name, id: v.id, size: v.size }).collect();
+                let infos: Vec<VolumeInfo> = list
+                    .items
+                    .into_iter()
+                    .map(|v| VolumeInfo {
+                        name: v.name,
+                        id: v.id,
+                        size: v.size,
+                    })
+                    .collect();
                 let mut gone = catalog.sync(&infos);
                 // Chunks of volumes the manager no longer has (deleted while we were down).
                 let known: std::collections::BTreeSet<u64> = infos.iter().map(|i| i.id).collect();
@@ -137,14 +177,20 @@ pub async fn watch_loop<L: VolumeLookup>(client: Client, catalog: Arc<VolumeCata
                 }
                 for id in gone {
                     match catalog.store().delete_volume(id).await {
-                        Ok(n) => tracing::info!(volume_id = id, chunks = n, "deleted data of removed volume"),
-                        Err(e) => tracing::error!(volume_id = id, error = %e, "deleting data of removed volume failed"),
+                        Ok(n) => tracing::info!(
+                            volume_id = id,
+                            chunks = n,
+                            "deleted data of removed volume"
+                        ),
+                        Err(e) => {
+                            tracing::error!(volume_id = id, error = %e, "deleting data of removed volume failed")
+                        }
                     }
                 }
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, failures, "volume watch failed; retrying");
                 }
                 tokio::time::sleep(Duration::from_millis((200 * failures as u64).min(2000))).await;

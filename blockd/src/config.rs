@@ -44,7 +44,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let v: f64 = n.trim().parse().map_err(|_| format!("invalid duration {s:?} (use e.g. 5s, 500ms)"))?;
+    let v: f64 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. 5s, 500ms)"))?;
     let secs = match unit {
         "" | "s" => v,
         "ms" => v / 1000.0,
@@ -59,12 +62,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn addr(key: &str, s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| format!("{key}: {s:?} is not an IP:PORT address"))
+    s.parse()
+        .map_err(|_| format!("{key}: {s:?} is not an IP:PORT address"))
 }
 
 impl FileConfig {
     pub fn from_file(path: &std::path::Path) -> Result<FileConfig, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 
@@ -77,7 +82,11 @@ impl FileConfig {
             nbd_listen: flags.nbd_listen.or(self.nbd_listen),
             nbd_socket: flags.nbd_socket.or(self.nbd_socket),
             http_listen: flags.http_listen.or(self.http_listen),
-            disk: if flags.disk.is_empty() { self.disk } else { flags.disk },
+            disk: if flags.disk.is_empty() {
+                self.disk
+            } else {
+                flags.disk
+            },
             zone: flags.zone.or(self.zone),
             heartbeat_interval: flags.heartbeat_interval.or(self.heartbeat_interval),
         }
@@ -87,15 +96,27 @@ impl FileConfig {
     pub fn resolve(self) -> Result<Config, String> {
         let node = match self.node {
             Some(n) => n,
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into()),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into()),
         };
-        if node.is_empty() || !node.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(format!("node: {node:?} is not a valid node name (A-Z a-z 0-9 - _ .)"));
+        if node.is_empty()
+            || !node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "node: {node:?} is not a valid node name (A-Z a-z 0-9 - _ .)"
+            ));
         }
         if self.disk.is_empty() {
             return Err("no disks: give at least one --disk PATH[:SIZE]".into());
         }
-        let disks = self.disk.iter().map(|d| DiskConfig::parse(d)).collect::<Result<Vec<_>, _>>()?;
+        let disks = self
+            .disk
+            .iter()
+            .map(|d| DiskConfig::parse(d))
+            .collect::<Result<Vec<_>, _>>()?;
         let nbd_listen = match self.nbd_listen.as_deref() {
             Some("") | Some("none") => None,
             Some(s) => Some(addr("nbd-listen", s)?),
@@ -106,11 +127,23 @@ impl FileConfig {
             Some(s) => Some(addr("http-listen", s)?),
             None => Some(addr("http-listen", "127.0.0.1:7801")?),
         };
-        let manager: Vec<String> = self.manager.as_deref().unwrap_or("http://127.0.0.1:7700").split(',').map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect();
-        if manager.is_empty() || manager.iter().any(|m| !(m.starts_with("http://") || m.starts_with("https://"))) {
+        let manager: Vec<String> = self
+            .manager
+            .as_deref()
+            .unwrap_or("http://127.0.0.1:7700")
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if manager.is_empty()
+            || manager
+                .iter()
+                .any(|m| !(m.starts_with("http://") || m.starts_with("https://")))
+        {
             return Err("manager: give http://HOST:PORT URLs".into());
         }
-        let heartbeat_interval = parse_duration(self.heartbeat_interval.as_deref().unwrap_or("1s"))?;
+        let heartbeat_interval =
+            parse_duration(self.heartbeat_interval.as_deref().unwrap_or("1s"))?;
         if heartbeat_interval.is_zero() {
             return Err("heartbeat-interval must be positive".into());
         }
@@ -136,7 +169,10 @@ mod tests {
     #[test]
     fn file_then_flags() {
         let file: FileConfig = toml::from_str("node = \"a\"\ndisk = [\"/d/x:1G\"]\nnbd-listen = \"127.0.0.1:1\"\nheartbeat-interval = \"500ms\"\n").unwrap();
-        let flags = FileConfig { node: Some("b".into()), ..Default::default() };
+        let flags = FileConfig {
+            node: Some("b".into()),
+            ..Default::default()
+        };
         let c = file.overlay(flags).resolve().unwrap();
         assert_eq!(c.node, "b");
         assert_eq!(c.nbd_listen, Some("127.0.0.1:1".parse().unwrap()));
@@ -149,12 +185,43 @@ mod tests {
     #[test]
     fn errors_are_clear() {
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
-        let base = || FileConfig { node: Some("n".into()), disk: vec!["/x:1G".into()], ..Default::default() };
-        assert!(FileConfig { disk: vec![], ..base() }.resolve().unwrap_err().contains("--disk"));
-        assert!(FileConfig { listen: Some("nope".into()), ..base() }.resolve().unwrap_err().contains("listen"));
-        assert!(FileConfig { node: Some("a b".into()), ..base() }.resolve().is_err());
-        assert!(FileConfig { manager: Some("ftp://x".into()), ..base() }.resolve().is_err());
-        assert!(FileConfig { heartbeat_interval: Some("5 parsecs".into()), ..base() }.resolve().is_err());
+        let base = || FileConfig {
+            node: Some("n".into()),
+            disk: vec!["/x:1G".into()],
+            ..Default::default()
+        };
+        assert!(FileConfig {
+            disk: vec![],
+            ..base()
+        }
+        .resolve()
+        .unwrap_err()
+        .contains("--disk"));
+        assert!(FileConfig {
+            listen: Some("nope".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap_err()
+        .contains("listen"));
+        assert!(FileConfig {
+            node: Some("a b".into()),
+            ..base()
+        }
+        .resolve()
+        .is_err());
+        assert!(FileConfig {
+            manager: Some("ftp://x".into()),
+            ..base()
+        }
+        .resolve()
+        .is_err());
+        assert!(FileConfig {
+            heartbeat_interval: Some("5 parsecs".into()),
+            ..base()
+        }
+        .resolve()
+        .is_err());
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
     }
 }

@@ -15,7 +15,11 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {what} {addr}: {source}")]
-    Listen { what: &'static str, addr: String, source: std::io::Error },
+    Listen {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("flushing the chunk store at shutdown failed: {0}")]
     Close(String),
     #[error("{0}")]
@@ -26,7 +30,10 @@ type Catalog = VolumeCatalog<ManagerLookup>;
 
 /// Runs blockd until `shutdown` resolves, then stops accepting, flushes and marks the disks
 /// clean.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
     let disks = cfg.disks.clone();
     let store = Arc::new(
@@ -36,16 +43,33 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     );
     let client = Client::new(cfg.manager.clone());
     let verified = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let catalog: Arc<Catalog> = Arc::new(VolumeCatalog::new(store.clone(), ManagerLookup { client: client.clone(), verified: verified.clone() }));
+    let catalog: Arc<Catalog> = Arc::new(VolumeCatalog::new(
+        store.clone(),
+        ManagerLookup {
+            client: client.clone(),
+            verified: verified.clone(),
+        },
+    ));
     let metrics = Arc::new(nbd::NbdMetrics::default());
 
     let mut tasks = tokio::task::JoinSet::new();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = cfg.nbd_listen {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen { what: "NBD", addr: addr.to_string(), source })?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                what: "NBD",
+                addr: addr.to_string(),
+                source,
+            })?;
         tracing::info!(%addr, "NBD listening on TCP");
-        tasks.spawn(nbd::serve_tcp(l, catalog.clone(), metrics.clone(), stop_rx.clone()));
+        tasks.spawn(nbd::serve_tcp(
+            l,
+            catalog.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
     }
     if let Some(path) = &cfg.nbd_socket {
         if let Some(parent) = path.parent() {
@@ -55,12 +79,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         if std::os::unix::net::UnixStream::connect(path).is_err() {
             let _ = std::fs::remove_file(path);
         }
-        let l = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Listen { what: "NBD socket", addr: path.display().to_string(), source })?;
+        let l = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Listen {
+            what: "NBD socket",
+            addr: path.display().to_string(),
+            source,
+        })?;
         tracing::info!(path = %path.display(), "NBD listening on unix socket");
-        tasks.spawn(nbd::serve_unix(l, catalog.clone(), metrics.clone(), stop_rx.clone()));
+        tasks.spawn(nbd::serve_unix(
+            l,
+            catalog.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
     }
     if let Some(addr) = cfg.http_listen {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen { what: "HTTP", addr: addr.to_string(), source })?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                what: "HTTP",
+                addr: addr.to_string(),
+                source,
+            })?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
         let app = http_router(store.clone(), metrics.clone());
         let mut rx = stop_rx.clone();
@@ -74,7 +113,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     }
 
     // Listeners are bound: now tell the manager we are here.
-    tasks.spawn(agent::heartbeat_loop(cfg.clone(), client.clone(), store.clone()));
+    tasks.spawn(agent::heartbeat_loop(
+        cfg.clone(),
+        client.clone(),
+        store.clone(),
+    ));
     tasks.spawn(agent::watch_loop(client.clone(), catalog.clone(), verified));
 
     shutdown.await;
@@ -87,7 +130,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     if let Some(path) = &cfg.nbd_socket {
         let _ = std::fs::remove_file(path);
     }
-    store.close().await.map_err(|e| DaemonError::Close(e.to_string()))?;
+    store
+        .close()
+        .await
+        .map_err(|e| DaemonError::Close(e.to_string()))?;
     tracing::info!("blockd stopped cleanly");
     Ok(())
 }
@@ -105,7 +151,13 @@ fn http_router(store: Arc<ChunkStore>, metrics: Arc<nbd::NbdMetrics>) -> axum::R
                     let mut out = String::new();
                     store.render_prometheus(&mut out);
                     metrics.render_prometheus(&mut out);
-                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        out,
+                    )
                 }
             }),
         )

@@ -74,24 +74,42 @@ pub struct ZeroFlags {
 pub trait Export: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// Reads `len` bytes at `offset`; the returned buffer has exactly `len` bytes.
-    fn read(&self, offset: u64, len: u32)
-        -> impl Future<Output = Result<AlignedBuf, ExportError>> + Send;
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<AlignedBuf, ExportError>> + Send;
     /// Writes `data` at `offset`; with `fua` it is durable when this returns.
-    fn write(&self, offset: u64, data: AlignedBuf, fua: bool)
-        -> impl Future<Output = Result<(), ExportError>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: AlignedBuf,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// Makes every write completed so far (on any connection) durable.
     fn flush(&self) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// Discards a range; reads of it return zeroes afterwards.
-    fn trim(&self, offset: u64, len: u32, fua: bool)
-        -> impl Future<Output = Result<(), ExportError>> + Send;
-    fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags)
-        -> impl Future<Output = Result<(), ExportError>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        flags: ZeroFlags,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// Prefetch hint (NBD_CMD_CACHE).
     fn cache(&self, offset: u64, len: u32) -> impl Future<Output = Result<(), ExportError>> + Send;
     /// Allocation status from `offset`, covering at most `len` bytes (at least one extent,
     /// each extent non-empty, not past the end of the export).
-    fn block_status(&self, offset: u64, len: u32)
-        -> impl Future<Output = Result<Vec<Extent>, ExportError>> + Send;
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Vec<Extent>, ExportError>> + Send;
 }
 
 /// What NBD_OPT_LIST shows for an export.

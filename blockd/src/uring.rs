@@ -49,10 +49,25 @@ impl Buf {
 }
 
 enum Kind {
-    Read { buf: AlignedBuf, start: usize, len: u32, offset: u64 },
-    Write { buf: Buf, start: usize, len: u32, offset: u64, dsync: bool },
+    Read {
+        buf: AlignedBuf,
+        start: usize,
+        len: u32,
+        offset: u64,
+    },
+    Write {
+        buf: Buf,
+        start: usize,
+        len: u32,
+        offset: u64,
+        dsync: bool,
+    },
     Fdatasync,
-    Fallocate { offset: u64, len: u64, mode: i32 },
+    Fallocate {
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
 }
 
 struct Op {
@@ -79,7 +94,10 @@ impl Engine {
     /// Starts the engine thread with a ring of `entries` submission slots.
     pub fn new(entries: u32) -> io::Result<Arc<Engine>> {
         let ring = IoUring::new(entries)?;
-        let shared = Arc::new(Shared { sleeping: AtomicBool::new(false), wake: crate::sys::eventfd()? });
+        let shared = Arc::new(Shared {
+            sleeping: AtomicBool::new(false),
+            wake: crate::sys::eventfd()?,
+        });
         let (tx, rx) = mpsc::channel();
         let s2 = shared.clone();
         std::thread::Builder::new()
@@ -98,20 +116,41 @@ impl Engine {
         Ok(())
     }
 
-    async fn run_op(&self, file: &Arc<File>, kind: Kind) -> io::Result<(i32, Option<AlignedBuf>, Option<Buf>)> {
+    async fn run_op(
+        &self,
+        file: &Arc<File>,
+        kind: Kind,
+    ) -> io::Result<(i32, Option<AlignedBuf>, Option<Buf>)> {
         let (done, rx) = oneshot::channel();
-        self.submit(Op { file: file.clone(), kind, done })?;
-        rx.await.map_err(|_| io::Error::other("io_uring engine stopped"))
+        self.submit(Op {
+            file: file.clone(),
+            kind,
+            done,
+        })?;
+        rx.await
+            .map_err(|_| io::Error::other("io_uring engine stopped"))
     }
 
     /// Reads into `buf[start..start+len]` from `offset` until done or EOF; returns the buffer
     /// and the bytes read (less than `len` only at end of file).
-    pub async fn read(&self, file: &Arc<File>, offset: u64, mut buf: AlignedBuf, start: usize, len: usize) -> (AlignedBuf, io::Result<usize>) {
+    pub async fn read(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        mut buf: AlignedBuf,
+        start: usize,
+        len: usize,
+    ) -> (AlignedBuf, io::Result<usize>) {
         assert!(start + len <= buf.capacity(), "read beyond buffer");
         let mut done = 0usize;
         while done < len {
             let chunk = (len - done).min(1 << 30) as u32;
-            let kind = Kind::Read { buf, start: start + done, len: chunk, offset: offset + done as u64 };
+            let kind = Kind::Read {
+                buf,
+                start: start + done,
+                len: chunk,
+                offset: offset + done as u64,
+            };
             match self.run_op(file, kind).await {
                 Ok((res, Some(b), _)) => {
                     buf = b;
@@ -131,12 +170,26 @@ impl Engine {
     }
 
     /// Writes `buf[start..start+len]` at `offset` completely (`RWF_DSYNC` with `dsync`).
-    pub async fn write(&self, file: &Arc<File>, offset: u64, mut buf: Buf, start: usize, len: usize, dsync: bool) -> (Buf, io::Result<()>) {
+    pub async fn write(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        mut buf: Buf,
+        start: usize,
+        len: usize,
+        dsync: bool,
+    ) -> (Buf, io::Result<()>) {
         assert!(start + len <= buf.len(), "write beyond buffer");
         let mut done = 0usize;
         while done < len {
             let chunk = (len - done).min(1 << 30) as u32;
-            let kind = Kind::Write { buf, start: start + done, len: chunk, offset: offset + done as u64, dsync };
+            let kind = Kind::Write {
+                buf,
+                start: start + done,
+                len: chunk,
+                offset: offset + done as u64,
+                dsync,
+            };
             match self.run_op(file, kind).await {
                 Ok((res, _, Some(b))) => {
                     buf = b;
@@ -144,7 +197,10 @@ impl Engine {
                         return (buf, Err(io::Error::from_raw_os_error(-res)));
                     }
                     if res == 0 {
-                        return (buf, Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")));
+                        return (
+                            buf,
+                            Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")),
+                        );
                     }
                     done += res as usize;
                 }
@@ -165,8 +221,16 @@ impl Engine {
     }
 
     /// fallocate(2) through the ring (punch holes, zero ranges).
-    pub async fn fallocate(&self, file: &Arc<File>, offset: u64, len: u64, mode: i32) -> io::Result<()> {
-        let (res, _, _) = self.run_op(file, Kind::Fallocate { offset, len, mode }).await?;
+    pub async fn fallocate(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    ) -> io::Result<()> {
+        let (res, _, _) = self
+            .run_op(file, Kind::Fallocate { offset, len, mode })
+            .await?;
         if res < 0 {
             return Err(io::Error::from_raw_os_error(-res));
         }
@@ -191,26 +255,48 @@ struct InFlight {
 
 fn prepare(op: Op, slot: u64) -> (io_uring::squeue::Entry, InFlight) {
     let fd = types::Fd(op.file.as_raw_fd());
-    let mut inflight = InFlight { _file: op.file, read_buf: None, write_buf: None, done: op.done };
+    let mut inflight = InFlight {
+        _file: op.file,
+        read_buf: None,
+        write_buf: None,
+        done: op.done,
+    };
     let entry = match op.kind {
-        Kind::Read { mut buf, start, len, offset } => {
+        Kind::Read {
+            mut buf,
+            start,
+            len,
+            offset,
+        } => {
             // SAFETY: start+len <= capacity was asserted by the caller; the buffer moves into
             // `inflight` (its heap allocation does not move) and lives until the completion.
             let ptr = unsafe { buf.as_mut_ptr().add(start) };
             inflight.read_buf = Some(buf);
             opcode::Read::new(fd, ptr, len).offset(offset).build()
         }
-        Kind::Write { buf, start, len, offset, dsync } => {
+        Kind::Write {
+            buf,
+            start,
+            len,
+            offset,
+            dsync,
+        } => {
             // SAFETY: as for reads: in bounds, and the heap allocation outlives the operation.
             let ptr = unsafe { buf.as_ptr().add(start) };
             inflight.write_buf = Some(buf);
             let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(fd, ptr, len).offset(offset).rw_flags(flags).build()
+            opcode::Write::new(fd, ptr, len)
+                .offset(offset)
+                .rw_flags(flags)
+                .build()
         }
-        Kind::Fdatasync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-        Kind::Fallocate { offset, len, mode } => {
-            opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build()
-        }
+        Kind::Fdatasync => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+        Kind::Fallocate { offset, len, mode } => opcode::Fallocate::new(fd, len)
+            .offset(offset)
+            .mode(mode)
+            .build(),
     };
     (entry.user_data(slot), inflight)
 }
@@ -316,22 +402,38 @@ mod tests {
     async fn write_read_sync_punch() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let file = Arc::new(std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap());
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap(),
+        );
         file.set_len(1 << 20).unwrap();
         let eng = Engine::new(64).unwrap();
         let data = AlignedBuf::from_slice(&[7u8; 8192]);
-        let (_, r) = eng.write(&file, 4096, Buf::Aligned(data), 0, 8192, false).await;
+        let (_, r) = eng
+            .write(&file, 4096, Buf::Aligned(data), 0, 8192, false)
+            .await;
         r.unwrap();
         eng.fdatasync(&file).await.unwrap();
-        let (buf, n) = eng.read(&file, 4096, AlignedBuf::zeroed(8192), 0, 8192).await;
+        let (buf, n) = eng
+            .read(&file, 4096, AlignedBuf::zeroed(8192), 0, 8192)
+            .await;
         assert_eq!(n.unwrap(), 8192);
         assert!(buf.iter().all(|&b| b == 7));
-        eng.fallocate(&file, 4096, 4096, crate::sys::PUNCH_HOLE).await.unwrap();
+        eng.fallocate(&file, 4096, 4096, crate::sys::PUNCH_HOLE)
+            .await
+            .unwrap();
         let mut check = [1u8; 4096];
         file.read_exact_at(&mut check, 4096).unwrap();
         assert!(check.iter().all(|&b| b == 0));
         // Reads at EOF return what exists.
-        let (_, n) = eng.read(&file, (1 << 20) - 100, AlignedBuf::zeroed(4096), 0, 4096).await;
+        let (_, n) = eng
+            .read(&file, (1 << 20) - 100, AlignedBuf::zeroed(4096), 0, 4096)
+            .await;
         assert_eq!(n.unwrap(), 100);
         // Many concurrent operations.
         let mut tasks = Vec::new();
@@ -340,9 +442,13 @@ mod tests {
             let file = file.clone();
             tasks.push(tokio::spawn(async move {
                 let b = AlignedBuf::from_slice(&[(i % 251) as u8; 4096]);
-                let (_, r) = eng.write(&file, i * 4096, Buf::Aligned(b), 0, 4096, false).await;
+                let (_, r) = eng
+                    .write(&file, i * 4096, Buf::Aligned(b), 0, 4096, false)
+                    .await;
                 r.unwrap();
-                let (b, n) = eng.read(&file, i * 4096, AlignedBuf::zeroed(4096), 0, 4096).await;
+                let (b, n) = eng
+                    .read(&file, i * 4096, AlignedBuf::zeroed(4096), 0, 4096)
+                    .await;
                 assert_eq!(n.unwrap(), 4096);
                 assert!(b.iter().all(|&x| x == (i % 251) as u8));
             }));
@@ -359,7 +465,9 @@ mod tests {
         std::fs::write(&path, b"x").unwrap();
         let file = Arc::new(File::open(&path).unwrap());
         let eng = Engine::new(8).unwrap();
-        let (_, r) = eng.write(&file, 0, Buf::Vec(vec![1; 10]), 0, 10, false).await;
+        let (_, r) = eng
+            .write(&file, 0, Buf::Vec(vec![1; 10]), 0, 10, false)
+            .await;
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
     }
 }

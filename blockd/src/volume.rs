@@ -45,7 +45,12 @@ fn pieces(volume: u64, offset: u64, len: u64) -> impl Iterator<Item = Piece> {
         let index = pos / SLOT_SIZE;
         let off = pos % SLOT_SIZE;
         let n = (SLOT_SIZE - off).min(end - pos);
-        let p = Piece { key: ChunkKey { volume, index }, off, len: n, pos: pos - offset };
+        let p = Piece {
+            key: ChunkKey { volume, index },
+            off,
+            len: n,
+            pos: pos - offset,
+        };
         pos += n;
         Some(p)
     })
@@ -53,7 +58,11 @@ fn pieces(volume: u64, offset: u64, len: u64) -> impl Iterator<Item = Piece> {
 
 impl Volume {
     pub fn new(info: VolumeInfo, store: Arc<ChunkStore>) -> Volume {
-        Volume { info, store, removed: AtomicBool::new(false) }
+        Volume {
+            info,
+            store,
+            removed: AtomicBool::new(false),
+        }
     }
 
     pub fn info(&self) -> &VolumeInfo {
@@ -65,14 +74,25 @@ impl Volume {
             return Err(ExportError::Shutdown);
         }
         if offset.checked_add(len).is_none_or(|e| e > self.info.size) {
-            return Err(ExportError::Invalid(format!("range {offset}+{len} beyond the end ({})", self.info.size)));
+            return Err(ExportError::Invalid(format!(
+                "range {offset}+{len} beyond the end ({})",
+                self.info.size
+            )));
         }
         Ok(())
     }
 
-    async fn zero(&self, offset: u64, len: u32, punch: bool, fast: bool, fua: bool) -> Result<(), ExportError> {
+    async fn zero(
+        &self,
+        offset: u64,
+        len: u32,
+        punch: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), ExportError> {
         self.check(offset, len as u64)?;
-        let futs = pieces(self.info.id, offset, len as u64).map(|p| self.store.zero(p.key, p.off, p.len, punch, fast, fua));
+        let futs = pieces(self.info.id, offset, len as u64)
+            .map(|p| self.store.zero(p.key, p.off, p.len, punch, fast, fua));
         for r in futures::future::join_all(futs).await {
             r?;
         }
@@ -89,7 +109,10 @@ impl Export for Volume {
         self.check(offset, len as u64)?;
         let mut buf = AlignedBuf::zeroed(len as usize);
         for p in pieces(self.info.id, offset, len as u64) {
-            let (b, r) = self.store.read_into(p.key, p.off, buf, p.pos as usize, p.len as usize).await;
+            let (b, r) = self
+                .store
+                .read_into(p.key, p.off, buf, p.pos as usize, p.len as usize)
+                .await;
             buf = b;
             r?;
         }
@@ -105,11 +128,30 @@ impl Export for Volume {
             None => return Ok(()),
         };
         if ps.peek().is_none() {
-            return self.store.write(first.key, first.off, Buf::Aligned(data), 0, len as usize, fua).await;
+            return self
+                .store
+                .write(
+                    first.key,
+                    first.off,
+                    Buf::Aligned(data),
+                    0,
+                    len as usize,
+                    fua,
+                )
+                .await;
         }
         let shared = Arc::new(data);
         let all: Vec<Piece> = std::iter::once(first).chain(ps).collect();
-        let futs = all.iter().map(|p| self.store.write(p.key, p.off, Buf::Shared(shared.clone()), p.pos as usize, p.len as usize, fua));
+        let futs = all.iter().map(|p| {
+            self.store.write(
+                p.key,
+                p.off,
+                Buf::Shared(shared.clone()),
+                p.pos as usize,
+                p.len as usize,
+                fua,
+            )
+        });
         for r in futures::future::join_all(futs).await {
             r?;
         }
@@ -127,8 +169,14 @@ impl Export for Volume {
         self.zero(offset, len, true, false, fua).await
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), ExportError> {
-        self.zero(offset, len, flags.may_trim, flags.fast, flags.fua).await
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        flags: ZeroFlags,
+    ) -> Result<(), ExportError> {
+        self.zero(offset, len, flags.may_trim, flags.fast, flags.fua)
+            .await
     }
 
     async fn cache(&self, offset: u64, len: u32) -> Result<(), ExportError> {
@@ -141,7 +189,11 @@ impl Export for Volume {
         let mut out: Vec<Extent> = Vec::new();
         for p in pieces(self.info.id, offset, len as u64) {
             for (l, written) in self.store.allocation(p.key, p.off, p.len) {
-                let e = Extent { length: l, hole: !written, zero: !written };
+                let e = Extent {
+                    length: l,
+                    hole: !written,
+                    zero: !written,
+                };
                 match out.last_mut() {
                     Some(last) if last.hole == e.hole && last.zero == e.zero => last.length += l,
                     _ => out.push(e),
@@ -149,7 +201,11 @@ impl Export for Volume {
             }
         }
         if out.is_empty() {
-            out.push(Extent { length: len as u64, hole: true, zero: true });
+            out.push(Extent {
+                length: len as u64,
+                hole: true,
+                zero: true,
+            });
         }
         Ok(out)
     }
@@ -169,7 +225,11 @@ pub struct VolumeCatalog<L> {
 
 impl<L: VolumeLookup> VolumeCatalog<L> {
     pub fn new(store: Arc<ChunkStore>, lookup: L) -> Self {
-        VolumeCatalog { store, volumes: RwLock::new(HashMap::new()), lookup }
+        VolumeCatalog {
+            store,
+            volumes: RwLock::new(HashMap::new()),
+            lookup,
+        }
     }
 
     pub fn store(&self) -> &Arc<ChunkStore> {
@@ -193,14 +253,17 @@ impl<L: VolumeLookup> VolumeCatalog<L> {
             keep
         });
         for i in list {
-            map.entry(i.name.clone()).or_insert_with(|| Arc::new(Volume::new(i.clone(), self.store.clone())));
+            map.entry(i.name.clone())
+                .or_insert_with(|| Arc::new(Volume::new(i.clone(), self.store.clone())));
         }
         removed
     }
 
     fn insert(&self, info: VolumeInfo) -> Arc<Volume> {
         let mut map = self.volumes.write().unwrap();
-        map.entry(info.name.clone()).or_insert_with(|| Arc::new(Volume::new(info, self.store.clone()))).clone()
+        map.entry(info.name.clone())
+            .or_insert_with(|| Arc::new(Volume::new(info, self.store.clone())))
+            .clone()
     }
 }
 
@@ -216,7 +279,16 @@ impl<L: VolumeLookup> ExportCatalog for VolumeCatalog<L> {
     }
 
     async fn list(&self) -> Vec<ExportInfo> {
-        let mut v: Vec<ExportInfo> = self.volumes.read().unwrap().values().map(|v| ExportInfo { name: v.info.name.clone(), size: v.info.size }).collect();
+        let mut v: Vec<ExportInfo> = self
+            .volumes
+            .read()
+            .unwrap()
+            .values()
+            .map(|v| ExportInfo {
+                name: v.info.name.clone(),
+                size: v.info.size,
+            })
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -238,32 +310,92 @@ mod tests {
     fn pieces_split_at_chunk_boundaries() {
         let ps: Vec<Piece> = pieces(7, SLOT_SIZE - 512, 1024 + SLOT_SIZE).collect();
         assert_eq!(ps.len(), 3);
-        assert_eq!(ps[0], Piece { key: ChunkKey { volume: 7, index: 0 }, off: SLOT_SIZE - 512, len: 512, pos: 0 });
-        assert_eq!(ps[1], Piece { key: ChunkKey { volume: 7, index: 1 }, off: 0, len: SLOT_SIZE, pos: 512 });
-        assert_eq!(ps[2], Piece { key: ChunkKey { volume: 7, index: 2 }, off: 0, len: 512, pos: 512 + SLOT_SIZE });
+        assert_eq!(
+            ps[0],
+            Piece {
+                key: ChunkKey {
+                    volume: 7,
+                    index: 0
+                },
+                off: SLOT_SIZE - 512,
+                len: 512,
+                pos: 0
+            }
+        );
+        assert_eq!(
+            ps[1],
+            Piece {
+                key: ChunkKey {
+                    volume: 7,
+                    index: 1
+                },
+                off: 0,
+                len: SLOT_SIZE,
+                pos: 512
+            }
+        );
+        assert_eq!(
+            ps[2],
+            Piece {
+                key: ChunkKey {
+                    volume: 7,
+                    index: 2
+                },
+                off: 0,
+                len: 512,
+                pos: 512 + SLOT_SIZE
+            }
+        );
         assert_eq!(pieces(1, 10, 0).count(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn volume_io_across_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(ChunkStore::open(&[DiskConfig { path: dir.path().join("d"), size: Some(64 << 20) }]).unwrap());
+        let store = Arc::new(
+            ChunkStore::open(&[DiskConfig {
+                path: dir.path().join("d"),
+                size: Some(64 << 20),
+            }])
+            .unwrap(),
+        );
         let cat = VolumeCatalog::new(store.clone(), NoLookup);
-        let info = VolumeInfo { name: "v".into(), id: 1, size: 16 << 20 };
+        let info = VolumeInfo {
+            name: "v".into(),
+            id: 1,
+            size: 16 << 20,
+        };
         assert!(cat.sync(std::slice::from_ref(&info)).is_empty());
         let v = cat.open("v").await.unwrap();
         assert!(cat.open("w").await.is_none());
         let data: Vec<u8> = (0..(1 << 20) + 1000).map(|i| (i % 253) as u8).collect();
         let off = SLOT_SIZE - 4096 - 300;
-        v.write(off, AlignedBuf::from_slice(&data), false).await.unwrap();
-        assert_eq!(&v.read(off, data.len() as u32).await.unwrap()[..], &data[..]);
-        assert!(matches!(v.read(16 << 20, 1).await, Err(ExportError::Invalid(_))));
-        assert!(matches!(v.write((16 << 20) - 1, AlignedBuf::from_slice(b"ab"), false).await, Err(ExportError::Invalid(_))));
+        v.write(off, AlignedBuf::from_slice(&data), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            &v.read(off, data.len() as u32).await.unwrap()[..],
+            &data[..]
+        );
+        assert!(matches!(
+            v.read(16 << 20, 1).await,
+            Err(ExportError::Invalid(_))
+        ));
+        assert!(matches!(
+            v.write((16 << 20) - 1, AlignedBuf::from_slice(b"ab"), false)
+                .await,
+            Err(ExportError::Invalid(_))
+        ));
         let ext = v.block_status(0, 16 << 20).await.unwrap();
         assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 16 << 20);
         assert!(ext[0].hole && !ext[1].hole);
         v.trim(SLOT_SIZE, 1 << 20, false).await.unwrap();
-        assert!(v.read(SLOT_SIZE, 4096).await.unwrap().iter().all(|&b| b == 0));
+        assert!(v
+            .read(SLOT_SIZE, 4096)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
         v.flush().await.unwrap();
         // Removal: open handles get ESHUTDOWN, the id is reported for deletion.
         assert_eq!(cat.sync(&[]), vec![1]);

@@ -8,18 +8,32 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn bin(name: &str) -> PathBuf {
     let blockd = PathBuf::from(env!("CARGO_BIN_EXE_blockd"));
     let p = blockd.parent().unwrap().join(name);
-    assert!(p.exists(), "{} not built (run `cargo build --workspace`)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built (run `cargo build --workspace`)",
+        p.display()
+    );
     p
 }
 
 fn require(tool: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     assert!(ok, "{tool} is not installed (tests/run installs it)");
 }
 
@@ -32,11 +46,27 @@ impl Drop for Proc {
 }
 
 fn start_blockd(dir: &Path, mgr: &str, nbd_port: u16) -> Proc {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("blockd.log")).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("blockd.log"))
+        .unwrap();
     Proc(
         Command::new(bin("blockd"))
-            .args(["--manager", mgr, "--node", "n1", "--listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--nbd-listen", &format!("127.0.0.1:{nbd_port}"), "--http-listen", "none"])
+            .args([
+                "--manager",
+                mgr,
+                "--node",
+                "n1",
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .args([
+                "--nbd-listen",
+                &format!("127.0.0.1:{nbd_port}"),
+                "--http-listen",
+                "none",
+            ])
             .arg("--disk")
             .arg(format!("{}:256M", dir.join("disk0.img").display()))
             .stdout(Stdio::null())
@@ -49,7 +79,10 @@ fn start_blockd(dir: &Path, mgr: &str, nbd_port: u16) -> Proc {
 fn wait_port(port: u16) {
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "port {port} never opened");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "port {port} never opened"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -61,8 +94,13 @@ fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
         c.args(["-c", cmd]);
     }
     let out = c.arg(url).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let bad = text.contains("failed") || text.contains("error") || text.contains("Pattern verification");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad =
+        text.contains("failed") || text.contains("error") || text.contains("Pattern verification");
     (out.status.success() && !bad, text)
 }
 
@@ -89,7 +127,10 @@ fn sigkill_mid_write_loses_no_flushed_data() {
     let client = volume_mgr::client::Client::new(vec![mgr_url.clone()]);
     let t = Instant::now();
     loop {
-        match rt.block_on(client.create_volume(&volume_mgr::api::CreateVolume { name: "crash".into(), size: 64 << 20 })) {
+        match rt.block_on(client.create_volume(&volume_mgr::api::CreateVolume {
+            name: "crash".into(),
+            size: 64 << 20,
+        })) {
             Ok(_) => break,
             Err(e) => {
                 assert!(t.elapsed() < Duration::from_secs(20), "volume create: {e}");
@@ -103,7 +144,18 @@ fn sigkill_mid_write_loses_no_flushed_data() {
     assert!(ok, "{out}");
     // Unflushed writes in flight over the rest of the volume, then SIGKILL mid-way.
     let mut writer = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "aio_write -P 0xa5 8M 16M", "-c", "aio_write -P 0xa6 24M 16M", "-c", "aio_write -P 0xa7 40M 16M", "-c", "aio_flush"])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "aio_write -P 0xa5 8M 16M",
+            "-c",
+            "aio_write -P 0xa6 24M 16M",
+            "-c",
+            "aio_write -P 0xa7 40M 16M",
+            "-c",
+            "aio_flush",
+        ])
         .arg(&url)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -33,16 +33,39 @@ impl Drop for Server {
 }
 
 fn require(tool: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(std::process::Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     assert!(ok, "{tool} is not installed (tests/run installs it)");
 }
 
 fn server(volumes: &[(&str, u64, u64)], disk_size: u64) -> Server {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(ChunkStore::open(&[DiskConfig { path: dir.path().join("disk0"), size: Some(disk_size) }]).unwrap());
+    let store = Arc::new(
+        ChunkStore::open(&[DiskConfig {
+            path: dir.path().join("disk0"),
+            size: Some(disk_size),
+        }])
+        .unwrap(),
+    );
     let cat = Arc::new(VolumeCatalog::new(store, Static));
-    let infos: Vec<VolumeInfo> = volumes.iter().map(|(n, id, s)| VolumeInfo { name: n.to_string(), id: *id, size: *s }).collect();
+    let infos: Vec<VolumeInfo> = volumes
+        .iter()
+        .map(|(n, id, s)| VolumeInfo {
+            name: n.to_string(),
+            id: *id,
+            size: *s,
+        })
+        .collect();
     cat.sync(&infos);
     let metrics = Arc::new(NbdMetrics::default());
     let (stop, rx) = tokio::sync::watch::channel(false);
@@ -50,17 +73,37 @@ fn server(volumes: &[(&str, u64, u64)], disk_size: u64) -> Server {
     let port = rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        tokio::spawn(nbdgw::serve_tcp(l, cat.clone(), metrics.clone(), rx.clone()));
+        tokio::spawn(nbdgw::serve_tcp(
+            l,
+            cat.clone(),
+            metrics.clone(),
+            rx.clone(),
+        ));
         let u = tokio::net::UnixListener::bind(&sock).unwrap();
-        tokio::spawn(nbdgw::serve_unix(u, cat.clone(), metrics.clone(), rx.clone()));
+        tokio::spawn(nbdgw::serve_unix(
+            u,
+            cat.clone(),
+            metrics.clone(),
+            rx.clone(),
+        ));
         port
     });
-    Server { _rt: rt, _dir: dir, port, sock, stop }
+    Server {
+        _rt: rt,
+        _dir: dir,
+        port,
+        sock,
+        stop,
+    }
 }
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{cmd:?} failed: {text}");
     text
 }
@@ -73,7 +116,12 @@ fn qemu_io(url: &str, cmds: &[&str]) -> String {
     }
     c.arg(url);
     let text = run(&mut c);
-    assert!(!text.contains("failed") && !text.contains("Pattern verification") && !text.contains("error"), "qemu-io {cmds:?}: {text}");
+    assert!(
+        !text.contains("failed")
+            && !text.contains("Pattern verification")
+            && !text.contains("error"),
+        "qemu-io {cmds:?}: {text}"
+    );
     text
 }
 
@@ -83,32 +131,93 @@ fn qemu_io_patterns_aio_discard_zero() {
     let s = server(&[("vol", 1, 64 << 20)], 256 << 20);
     let tcp = format!("nbd://127.0.0.1:{}/vol", s.port);
     let unix = format!("nbd+unix:///vol?socket={}", s.sock.display());
-    qemu_io(&tcp, &["write -P 0xab 0 1M", "write -P 0xcd 4190208 8192", "write -P 0x11 512 512", "flush"]);
-    qemu_io(&unix, &["read -P 0xab 1024 1047552", "read -P 0x11 512 512", "read -P 0xcd 4190208 8192", "read -P 0 2M 1M"]);
+    qemu_io(
+        &tcp,
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0xcd 4190208 8192",
+            "write -P 0x11 512 512",
+            "flush",
+        ],
+    );
+    qemu_io(
+        &unix,
+        &[
+            "read -P 0xab 1024 1047552",
+            "read -P 0x11 512 512",
+            "read -P 0xcd 4190208 8192",
+            "read -P 0 2M 1M",
+        ],
+    );
     // Many requests in flight at once.
-    qemu_io(&tcp, &["aio_write -P 0x21 8M 1M", "aio_write -P 0x22 9M 1M", "aio_write -P 0x23 10M 64k", "aio_flush", "aio_read -P 0x21 8M 1M", "aio_read -P 0x22 9M 1M", "aio_flush"]);
+    qemu_io(
+        &tcp,
+        &[
+            "aio_write -P 0x21 8M 1M",
+            "aio_write -P 0x22 9M 1M",
+            "aio_write -P 0x23 10M 64k",
+            "aio_flush",
+            "aio_read -P 0x21 8M 1M",
+            "aio_read -P 0x22 9M 1M",
+            "aio_flush",
+        ],
+    );
     // Discard and write-zeroes (with and without unmap), FUA writes.
-    qemu_io(&tcp, &["discard 8M 1M", "read -P 0 8M 1M", "write -z 9M 64k", "read -P 0 9M 64k", "write -z -u 9M 1M", "read -P 0 9M 1M", "write -f -P 0x44 20M 4k", "read -P 0x44 20M 4k"]);
+    qemu_io(
+        &tcp,
+        &[
+            "discard 8M 1M",
+            "read -P 0 8M 1M",
+            "write -z 9M 64k",
+            "read -P 0 9M 64k",
+            "write -z -u 9M 1M",
+            "read -P 0 9M 1M",
+            "write -f -P 0x44 20M 4k",
+            "read -P 0x44 20M 4k",
+        ],
+    );
 }
 
 #[test]
 fn nbdinfo_lists_and_maps_holes() {
     require("nbdinfo");
     let s = server(&[("alpha", 1, 64 << 20), ("beta", 2, 8 << 20)], 256 << 20);
-    let list = run(Command::new("nbdinfo").args(["--list", &format!("nbd://127.0.0.1:{}", s.port)]));
+    let list =
+        run(Command::new("nbdinfo").args(["--list", &format!("nbd://127.0.0.1:{}", s.port)]));
     assert!(list.contains("alpha") && list.contains("beta"), "{list}");
     let info = run(Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{}/alpha", s.port)));
     assert!(info.contains("67108864"), "size: {info}");
-    assert!(info.contains("can_multi_conn: true") && info.contains("can_fast_zero: true"), "{info}");
+    assert!(
+        info.contains("can_multi_conn: true") && info.contains("can_fast_zero: true"),
+        "{info}"
+    );
     let url = format!("nbd://127.0.0.1:{}/alpha", s.port);
     qemu_io(&url, &["write -P 1 0 8M", "discard 2M 2M"]);
     let map = run(Command::new("nbdinfo").args(["--map", &url]));
     // Data 0-2M, hole 2M-4M, data 4M-8M, hole after.
     let lines: Vec<&str> = map.lines().collect();
-    assert!(lines.iter().any(|l| l.trim_start().starts_with("0") && l.contains("2097152") && l.contains("data")), "{map}");
-    assert!(lines.iter().any(|l| l.trim_start().starts_with("2097152") && l.contains("hole")), "{map}");
-    assert!(lines.iter().any(|l| l.trim_start().starts_with("8388608") && l.contains("hole")), "{map}");
-    let err = Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{}/nope", s.port)).output().unwrap();
+    assert!(
+        lines.iter().any(|l| l.trim_start().starts_with("0")
+            && l.contains("2097152")
+            && l.contains("data")),
+        "{map}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.trim_start().starts_with("2097152") && l.contains("hole")),
+        "{map}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.trim_start().starts_with("8388608") && l.contains("hole")),
+        "{map}"
+    );
+    let err = Command::new("nbdinfo")
+        .arg(format!("nbd://127.0.0.1:{}/nope", s.port))
+        .output()
+        .unwrap();
     assert!(!err.status.success());
 }
 
@@ -124,23 +233,63 @@ fn nbdcopy_and_qemu_img_round_trip() {
     for (i, b) in data.iter_mut().enumerate() {
         // Random data with some zero runs, so sparseness paths run too.
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        *b = if (i >> 20) % 5 == 2 { 0 } else { (x >> 16) as u8 };
+        *b = if (i >> 20) % 5 == 2 {
+            0
+        } else {
+            (x >> 16) as u8
+        };
     }
     std::fs::write(&src, &data).unwrap();
     let url = format!("nbd://127.0.0.1:{}/vol", s.port);
     run(Command::new("nbdcopy").args(["--connections=4", src.to_str().unwrap(), &url]));
     let back = dir.path().join("back.raw");
     run(Command::new("nbdcopy").args(["--connections=4", &url, back.to_str().unwrap()]));
-    assert!(std::fs::read(&back).unwrap() == data, "nbdcopy round trip differs");
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "nbdcopy round trip differs"
+    );
     // qemu-img: info, compare, convert out to qcow2 and in again.
     let info = run(Command::new("qemu-img").args(["info", "-f", "raw", &url]));
     assert!(info.contains("32 MiB"), "{info}");
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &url]));
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        src.to_str().unwrap(),
+        &url,
+    ]));
     let q = dir.path().join("out.qcow2");
-    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2", &url, q.to_str().unwrap()]));
+    run(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &url,
+        q.to_str().unwrap(),
+    ]));
     qemu_io(&url, &["write -z 0 32M"]);
-    run(Command::new("qemu-img").args(["convert", "-n", "-f", "qcow2", "-O", "raw", q.to_str().unwrap(), &url]));
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &url]));
+    run(Command::new("qemu-img").args([
+        "convert",
+        "-n",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        q.to_str().unwrap(),
+        &url,
+    ]));
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        src.to_str().unwrap(),
+        &url,
+    ]));
 }
 
 // --- hostile raw traffic -------------------------------------------------------------------
@@ -185,10 +334,22 @@ fn opt_reply(s: &mut std::net::TcpStream) -> (u32, u32, Vec<u8>) {
     let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
     let mut d = vec![0u8; len as usize];
     s.read_exact(&mut d).unwrap();
-    (u32::from_be_bytes(h[8..12].try_into().unwrap()), u32::from_be_bytes(h[12..16].try_into().unwrap()), d)
+    (
+        u32::from_be_bytes(h[8..12].try_into().unwrap()),
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+        d,
+    )
 }
 
-fn request(s: &mut std::net::TcpStream, magic: u32, flags: u16, kind: u16, cookie: u64, off: u64, len: u32) {
+fn request(
+    s: &mut std::net::TcpStream,
+    magic: u32,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    off: u64,
+    len: u32,
+) {
     let mut b = magic.to_be_bytes().to_vec();
     b.extend_from_slice(&flags.to_be_bytes());
     b.extend_from_slice(&kind.to_be_bytes());
@@ -202,7 +363,10 @@ fn simple_reply(s: &mut std::net::TcpStream) -> (u32, u64) {
     let mut h = [0u8; 16];
     s.read_exact(&mut h).unwrap();
     assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes());
-    (u32::from_be_bytes(h[4..8].try_into().unwrap()), u64::from_be_bytes(h[8..16].try_into().unwrap()))
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
 }
 
 fn is_closed(s: &mut std::net::TcpStream) -> bool {
@@ -251,7 +415,11 @@ fn hostile_requests_get_spec_errors() {
     let mut h = [0u8; 20];
     big.read_exact(&mut h).unwrap();
     assert_eq!(&h[..4], &0x668e_33efu32.to_be_bytes());
-    assert_eq!(u16::from_be_bytes([h[6], h[7]]), 32769, "structured ERROR chunk");
+    assert_eq!(
+        u16::from_be_bytes([h[6], h[7]]),
+        32769,
+        "structured ERROR chunk"
+    );
     let mut rest = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
     big.read_exact(&mut rest).unwrap();
     assert_eq!(u32::from_be_bytes(rest[..4].try_into().unwrap()), 22);
@@ -276,7 +444,10 @@ fn hostile_requests_get_spec_errors() {
     assert_eq!(simple_reply(&mut c), (0, 12));
     let mut d = vec![0u8; 8192];
     c.read_exact(&mut d).unwrap();
-    assert!(d[..4096].iter().all(|&b| b == 0), "partial write must not be applied");
+    assert!(
+        d[..4096].iter().all(|&b| b == 0),
+        "partial write must not be applied"
+    );
     assert_eq!(&d[4096..4100], b"okay");
     // DISC closes cleanly.
     request(&mut c, M, 0, 2, 13, 0, 0);

@@ -11,7 +11,11 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(|d| d.parent()).unwrap();
     let p = dir.join(name);
-    assert!(p.exists(), "{} is not built; run `cargo build --workspace` (cargo test --workspace builds it)", p.display());
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --workspace` (cargo test --workspace builds it)",
+        p.display()
+    );
     p
 }
 
@@ -37,7 +41,14 @@ impl Fabric {
     pub fn start(disk_size: &str) -> Fabric {
         let dir = tempfile::tempdir().unwrap();
         let mport = free_port();
-        let mut f = Fabric { manager_url: format!("http://127.0.0.1:{mport}"), nbd_port: free_port(), socket: dir.path().join("nbd.sock"), dir, manager: None, blockd: None };
+        let mut f = Fabric {
+            manager_url: format!("http://127.0.0.1:{mport}"),
+            nbd_port: free_port(),
+            socket: dir.path().join("nbd.sock"),
+            dir,
+            manager: None,
+            blockd: None,
+        };
         let log = |n: &str| std::fs::File::create(f.dir.path().join(n)).unwrap();
         f.manager = Some(
             Command::new(bin("volume-mgr"))
@@ -48,14 +59,32 @@ impl Fabric {
                 .spawn()
                 .unwrap(),
         );
-        wait_for("volume-mgr", Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", mport)).is_ok());
+        wait_for("volume-mgr", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", mport)).is_ok()
+        });
         f.blockd = Some(
             Command::new(bin("blockd"))
-                .args(["--manager", &f.manager_url, "--node", "n1", "--listen", &format!("127.0.0.1:{}", free_port())])
-                .args(["--nbd-listen", &format!("127.0.0.1:{}", f.nbd_port), "--http-listen", "none", "--nbd-socket"])
+                .args([
+                    "--manager",
+                    &f.manager_url,
+                    "--node",
+                    "n1",
+                    "--listen",
+                    &format!("127.0.0.1:{}", free_port()),
+                ])
+                .args([
+                    "--nbd-listen",
+                    &format!("127.0.0.1:{}", f.nbd_port),
+                    "--http-listen",
+                    "none",
+                    "--nbd-socket",
+                ])
                 .arg(&f.socket)
                 .arg("--disk")
-                .arg(format!("{}:{disk_size}", f.dir.path().join("disk0.img").display()))
+                .arg(format!(
+                    "{}:{disk_size}",
+                    f.dir.path().join("disk0.img").display()
+                ))
                 .stdout(Stdio::null())
                 .stderr(log("blockd.log"))
                 .spawn()
@@ -92,7 +121,10 @@ impl Fabric {
 
 impl Drop for Fabric {
     fn drop(&mut self) {
-        for c in [self.blockd.as_mut(), self.manager.as_mut()].into_iter().flatten() {
+        for c in [self.blockd.as_mut(), self.manager.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -101,6 +133,17 @@ impl Drop for Fabric {
 
 /// Runs `fabctl --manager URL ARGS…`; returns (success, stdout+stderr).
 pub fn fabctl(manager: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("fabctl")).args(["--manager", manager]).args(args).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(bin("fabctl"))
+        .args(["--manager", manager])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }

@@ -63,7 +63,12 @@ pub struct Assets {
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -89,21 +94,46 @@ impl Assets {
                 .lines()
                 .filter_map(|l| l.trim().strip_prefix("Depends: "))
                 .find(|p| p.starts_with("linux-image-"))
-                .unwrap_or_else(|| panic!("cannot resolve linux-image-amd64 (run apt-get update): {deps}"))
+                .unwrap_or_else(|| {
+                    panic!("cannot resolve linux-image-amd64 (run apt-get update): {deps}")
+                })
                 .to_string();
             let dl = cache.join("download");
             let _ = std::fs::remove_dir_all(&dl);
             std::fs::create_dir_all(&dl).unwrap();
-            run(Command::new("apt-get").args(["download", &pkg]).current_dir(&dl));
-            let deb = std::fs::read_dir(&dl).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "deb")).expect("downloaded .deb");
+            run(Command::new("apt-get")
+                .args(["download", &pkg])
+                .current_dir(&dl));
+            let deb = std::fs::read_dir(&dl)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "deb"))
+                .expect("downloaded .deb");
             let _ = std::fs::remove_dir_all(&kdir);
             run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&kdir));
             std::fs::write(kdir.join("ok"), &pkg).unwrap();
             let _ = std::fs::remove_dir_all(&dl);
         }
-        let kernel = std::fs::read_dir(kdir.join("boot")).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))).expect("vmlinuz in the kernel package");
-        let kver = kernel.file_name().unwrap().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
-        let initrd = cache.join(format!("initramfs-{kver}-{:08x}.cpio.gz", crc(INIT.as_bytes())));
+        let kernel = std::fs::read_dir(kdir.join("boot"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+            .expect("vmlinuz in the kernel package");
+        let kver = kernel
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("vmlinuz-")
+            .to_string();
+        let initrd = cache.join(format!(
+            "initramfs-{kver}-{:08x}.cpio.gz",
+            crc(INIT.as_bytes())
+        ));
         if !initrd.exists() {
             let root = cache.join("initramfs-root");
             let _ = std::fs::remove_dir_all(&root);
@@ -114,13 +144,18 @@ impl Assets {
             for m in MODULES {
                 let src = kdir.join(format!("lib/modules/{kver}/kernel/{m}"));
                 let name = Path::new(m).file_name().unwrap();
-                std::fs::copy(&src, root.join("lib/modules").join(name)).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+                std::fs::copy(&src, root.join("lib/modules").join(name))
+                    .unwrap_or_else(|e| panic!("{}: {e}", src.display()));
             }
             let init = root.join("init");
             std::fs::write(&init, INIT).unwrap();
             run(Command::new("chmod").arg("755").arg(&init));
             let tmp = initrd.with_extension("tmp");
-            let sh = format!("cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'", root.display(), tmp.display());
+            let sh = format!(
+                "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+                root.display(),
+                tmp.display()
+            );
             run(Command::new("sh").arg("-c").arg(sh));
             std::fs::rename(&tmp, &initrd).unwrap();
             let _ = std::fs::remove_dir_all(&root);
@@ -133,13 +168,33 @@ impl Assets {
     pub fn boot(&self, drive: &str, script: &str, timeout: Duration) -> String {
         crate::require("qemu-system-x86_64");
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "256",
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ])
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")
             .arg(&self.initrd)
-            .args(["-append", &format!("console=ttyS0 panic=-1 quiet fabric.cmd={script}")])
-            .args(["-drive", &format!("file={drive},format=raw,if=virtio,cache=none")])
+            .args([
+                "-append",
+                &format!("console=ttyS0 panic=-1 quiet fabric.cmd={script}"),
+            ])
+            .args([
+                "-drive",
+                &format!("file={drive},format=raw,if=virtio,cache=none"),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -168,26 +223,52 @@ impl Assets {
         if let Some(mut e) = child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut e, &mut err);
         }
-        let _ = std::io::stderr().write_all(format!("guest {script} finished in {:.1} s\n", t.elapsed().as_secs_f64()).as_bytes());
+        let _ = std::io::stderr().write_all(
+            format!(
+                "guest {script} finished in {:.1} s\n",
+                t.elapsed().as_secs_f64()
+            )
+            .as_bytes(),
+        );
         assert!(status.is_some(), "guest {script} did not finish within {timeout:?}; console:\n{console}\nqemu stderr:\n{err}");
-        assert!(console.contains("FABRIC-DONE"), "guest {script} did not complete; console:\n{console}\nqemu stderr:\n{err}");
-        assert!(!console.contains("FABRIC-ERROR"), "guest {script} reported an error; console:\n{console}");
+        assert!(
+            console.contains("FABRIC-DONE"),
+            "guest {script} did not complete; console:\n{console}\nqemu stderr:\n{err}"
+        );
+        assert!(
+            !console.contains("FABRIC-ERROR"),
+            "guest {script} reported an error; console:\n{console}"
+        );
         console
     }
 }
 
 fn which(tool: &str) -> PathBuf {
-    let out = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .unwrap();
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn crc(b: &[u8]) -> u32 {
     // FNV-1a: a content tag for the cache file name, nothing more.
-    b.iter().fold(0x811c_9dc5u32, |h, &x| (h ^ x as u32).wrapping_mul(0x0100_0193))
+    b.iter().fold(0x811c_9dc5u32, |h, &x| {
+        (h ^ x as u32).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// The `FABRIC-<tag> …` lines of a console log.
 pub fn markers<'a>(console: &'a str, tag: &str) -> Vec<&'a str> {
     let prefix = format!("FABRIC-{tag}");
-    console.lines().filter_map(|l| l.trim_end_matches('\r').find(&prefix).map(|i| &l[i + prefix.len()..])).map(|s| s.trim()).collect()
+    console
+        .lines()
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .find(&prefix)
+                .map(|i| &l[i + prefix.len()..])
+        })
+        .map(|s| s.trim())
+        .collect()
 }

@@ -25,13 +25,24 @@ fn guest_writes_reboots_and_reads_back() {
     assert_eq!(reads.len(), 3, "{second}");
     for r in &reads {
         let md5 = r.split_whitespace().nth(1).unwrap_or("");
-        assert_eq!(md5, pattern[0], "region {r} differs after reboot; console:\n{second}");
+        assert_eq!(
+            md5, pattern[0],
+            "region {r} differs after reboot; console:\n{second}"
+        );
     }
 
     // The host sees the same bytes through the TCP export.
     let img = f.path().join("vm1.raw");
-    let out = std::process::Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &f.tcp_url("vm1")]).arg(&img).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &f.tcp_url("vm1")])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let data = std::fs::read(&img).unwrap();
     let unit = b"fabric-pattern-0123456789abcdef\n";
     let mut pat = Vec::with_capacity(1 << 20);
@@ -40,8 +51,14 @@ fn guest_writes_reboots_and_reads_back() {
     }
     pat.truncate(1 << 20);
     for off in [0usize, 16, 100] {
-        assert!(data[off << 20..(off + 1) << 20] == pat[..], "region at {off} MiB differs");
+        assert!(
+            data[off << 20..(off + 1) << 20] == pat[..],
+            "region at {off} MiB differs"
+        );
     }
-    assert!(data[1 << 20..16 << 20].iter().all(|&b| b == 0), "nothing else was written");
+    assert!(
+        data[1 << 20..16 << 20].iter().all(|&b| b == 0),
+        "nothing else was written"
+    );
     assert!(!f.blockd_log().contains("checksum mismatch"));
 }

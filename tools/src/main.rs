@@ -9,10 +9,19 @@ use volume_mgr::api;
 use volume_mgr::client::Client;
 
 #[derive(Parser, Debug)]
-#[command(name = "fabctl", version, about = "Operate a Fabric cluster: volumes, nodes, disks; `fabctl up` for one host")]
+#[command(
+    name = "fabctl",
+    version,
+    about = "Operate a Fabric cluster: volumes, nodes, disks; `fabctl up` for one host"
+)]
 struct Cli {
     /// volume-mgr URL(s), comma-separated.
-    #[arg(long, global = true, env = "FABRIC_MANAGER", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "FABRIC_MANAGER",
+        default_value = "http://127.0.0.1:7700"
+    )]
     manager: String,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
@@ -109,17 +118,35 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 fn volume_rows(vs: &[api::Volume]) -> Vec<Vec<String>> {
-    vs.iter().map(|v| vec![v.name.clone(), v.id.to_string(), human(v.size), v.replicas.to_string(), human(v.chunk_size)]).collect()
+    vs.iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.id.to_string(),
+                human(v.size),
+                v.replicas.to_string(),
+                human(v.chunk_size),
+            ]
+        })
+        .collect()
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(cli.manager.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+    let client = Client::new(
+        cli.manager
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    );
     let json = cli.output == Output::Json;
     match cli.cmd {
         Cmd::Up(_) => unreachable!("handled before the runtime starts"),
         Cmd::Volume(VolumeCmd::Create { name, size }) => {
             let size = parse_size(&size).map_err(anyhow::Error::msg)?;
-            let v = client.create_volume(&api::CreateVolume { name, size }).await?;
+            let v = client
+                .create_volume(&api::CreateVolume { name, size })
+                .await?;
             if json {
                 print_json(&v)?;
             } else {
@@ -131,7 +158,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json(&l.items)?;
             } else {
-                table::print(&["NAME", "ID", "SIZE", "REPLICAS", "CHUNK"], &volume_rows(&l.items));
+                table::print(
+                    &["NAME", "ID", "SIZE", "REPLICAS", "CHUNK"],
+                    &volume_rows(&l.items),
+                );
             }
         }
         Cmd::Volume(VolumeCmd::Show { name }) => {
@@ -170,9 +200,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let rows: Vec<Vec<String>> = l
                     .items
                     .iter()
-                    .map(|n| vec![n.name.clone(), format!("{:?}", n.state).to_lowercase(), n.zone.clone(), n.address.clone(), n.nbd_address.clone(), ago(n.last_heartbeat_ms)])
+                    .map(|n| {
+                        vec![
+                            n.name.clone(),
+                            format!("{:?}", n.state).to_lowercase(),
+                            n.zone.clone(),
+                            n.address.clone(),
+                            n.nbd_address.clone(),
+                            ago(n.last_heartbeat_ms),
+                        ]
+                    })
                     .collect();
-                table::print(&["NAME", "STATE", "ZONE", "ADDRESS", "NBD", "HEARTBEAT"], &rows);
+                table::print(
+                    &["NAME", "STATE", "ZONE", "ADDRESS", "NBD", "HEARTBEAT"],
+                    &rows,
+                );
             }
         }
         Cmd::Disk(DiskCmd::Ls) => {
@@ -184,8 +226,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .items
                     .iter()
                     .map(|d| {
-                        let pct = if d.capacity == 0 { 0.0 } else { 100.0 * d.used as f64 / d.capacity as f64 };
-                        vec![d.node.clone(), d.path.clone(), human(d.capacity), human(d.used), format!("{pct:.1}%")]
+                        let pct = if d.capacity == 0 {
+                            0.0
+                        } else {
+                            100.0 * d.used as f64 / d.capacity as f64
+                        };
+                        vec![
+                            d.node.clone(),
+                            d.path.clone(),
+                            human(d.capacity),
+                            human(d.used),
+                            format!("{pct:.1}%"),
+                        ]
                     })
                     .collect();
                 table::print(&["NODE", "PATH", "CAPACITY", "USED", "USE%"], &rows);
@@ -200,12 +252,19 @@ fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Up(args) => {
             tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
                 .with_writer(std::io::stderr)
                 .init();
             up::run(args)
         }
-        _ => tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime").and_then(|rt| rt.block_on(run(cli))),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")
+            .and_then(|rt| rt.block_on(run(cli))),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -32,8 +32,12 @@ pub struct UpArgs {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let data_dir = args.data_dir.canonicalize().with_context(|| format!("resolving {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", args.data_dir.display()))?;
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(run_async(args, data_dir))
 }
@@ -44,8 +48,14 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
     let disk = data_dir.join("disk0.img");
 
     // volume-mgr
-    let mgr_cfg = volume_mgr::Config { listen: args.listen.clone(), data_dir: data_dir.join("manager"), ..Default::default() };
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("volume-mgr cannot listen on {}", args.listen))?;
+    let mgr_cfg = volume_mgr::Config {
+        listen: args.listen.clone(),
+        data_dir: data_dir.join("manager"),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("volume-mgr cannot listen on {}", args.listen))?;
     let (mgr_stop_tx, mgr_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut manager = tokio::spawn(async move {
         volume_mgr::serve(mgr_cfg, listener, async move {
@@ -98,11 +108,22 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let volumes = client.list_volumes().await.map(|l| l.items).unwrap_or_default();
+    let volumes = client
+        .list_volumes()
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
     println!("Fabric is up (data in {}).", data_dir.display());
     println!("  manager   {manager_url}   (fabctl talks to it by default)");
-    println!("  NBD       nbd://{}/VOLUME  and  nbd+unix:///VOLUME?socket={}", args.nbd_listen, socket.display());
-    println!("  metrics   http://{}/metrics  http://{}/metrics", args.listen, args.blockd_http_listen);
+    println!(
+        "  NBD       nbd://{}/VOLUME  and  nbd+unix:///VOLUME?socket={}",
+        args.nbd_listen,
+        socket.display()
+    );
+    println!(
+        "  metrics   http://{}/metrics  http://{}/metrics",
+        args.listen, args.blockd_http_listen
+    );
     if volumes.is_empty() {
         println!("No volumes yet. Create one:\n  fabctl volume create vm1 --size 10G");
     } else {

@@ -117,7 +117,10 @@ pub struct Volume {
 /// Volume names: 1..=64 chars of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
 pub fn validate_volume_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
-        return Err(format!("volume name must be 1 to 64 characters, got {}", name.len()));
+        return Err(format!(
+            "volume name must be 1 to 64 characters, got {}",
+            name.len()
+        ));
     }
     if name.starts_with('.') || name.starts_with('-') {
         return Err("volume name must not start with '.' or '-'".into());
@@ -126,7 +129,9 @@ pub fn validate_volume_name(name: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!("volume name contains {c:?}; allowed: A-Z a-z 0-9 . _ -"));
+        return Err(format!(
+            "volume name contains {c:?}; allowed: A-Z a-z 0-9 . _ -"
+        ));
     }
     Ok(())
 }

@@ -11,7 +11,11 @@ use std::time::Duration;
 pub enum ClientError {
     /// The manager answered with an error.
     #[error("{message} ({code}, HTTP {status})")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     /// No manager could be reached.
     #[error("cannot reach volume-mgr at {url}: {reason}")]
     Unreachable { url: String, reason: String },
@@ -45,26 +49,53 @@ fn chain(e: &dyn std::error::Error) -> String {
 impl Client {
     /// `urls`: one or more `http://host:port` manager addresses.
     pub fn new(urls: Vec<String>) -> Client {
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).build().expect("HTTP client");
-        Client { urls: urls.into_iter().map(|u| u.trim_end_matches('/').to_string()).collect(), http }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .expect("HTTP client");
+        Client {
+            urls: urls
+                .into_iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect(),
+            http,
+        }
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&B>, timeout: Duration) -> Result<Option<T>, ClientError> {
-        let mut last = ClientError::Unreachable { url: "(none)".into(), reason: "no manager URL configured".into() };
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<Option<T>, ClientError> {
+        let mut last = ClientError::Unreachable {
+            url: "(none)".into(),
+            reason: "no manager URL configured".into(),
+        };
         for url in &self.urls {
-            let mut rq = self.http.request(method.clone(), format!("{url}{path}")).timeout(timeout);
+            let mut rq = self
+                .http
+                .request(method.clone(), format!("{url}{path}"))
+                .timeout(timeout);
             if let Some(b) = body {
                 rq = rq.json(b);
             }
             let resp = match rq.send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    last = ClientError::Unreachable { url: url.clone(), reason: chain(&e) };
+                    last = ClientError::Unreachable {
+                        url: url.clone(),
+                        reason: chain(&e),
+                    };
                     continue;
                 }
             };
             let status = resp.status();
-            let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: chain(&e) })?;
+            let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                reason: chain(&e),
+            })?;
             if status == StatusCode::SERVICE_UNAVAILABLE && self.urls.len() > 1 {
                 last = api_error(status, &bytes);
                 continue;
@@ -75,25 +106,47 @@ impl Client {
             if status == StatusCode::NO_CONTENT || bytes.is_empty() {
                 return Ok(None);
             }
-            return serde_json::from_slice(&bytes).map(Some).map_err(|e| ClientError::Protocol(e.to_string()));
+            return serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ClientError::Protocol(e.to_string()));
         }
         Err(last)
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.call::<(), T>(Method::GET, path, None, Duration::from_secs(10)).await?.ok_or_else(|| ClientError::Protocol("empty body".into()))
+        self.call::<(), T>(Method::GET, path, None, Duration::from_secs(10))
+            .await?
+            .ok_or_else(|| ClientError::Protocol("empty body".into()))
     }
 
     pub async fn cluster(&self) -> Result<api::ClusterInfo, ClientError> {
         self.get("/v1/cluster").await
     }
 
-    pub async fn register_node(&self, name: &str, req: &api::RegisterNode) -> Result<api::Node, ClientError> {
-        self.call(Method::PUT, &format!("/v1/nodes/{name}"), Some(req), Duration::from_secs(10)).await?.ok_or_else(|| ClientError::Protocol("empty body".into()))
+    pub async fn register_node(
+        &self,
+        name: &str,
+        req: &api::RegisterNode,
+    ) -> Result<api::Node, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/nodes/{name}"),
+            Some(req),
+            Duration::from_secs(10),
+        )
+        .await?
+        .ok_or_else(|| ClientError::Protocol("empty body".into()))
     }
 
     pub async fn heartbeat(&self, name: &str, hb: &api::Heartbeat) -> Result<(), ClientError> {
-        self.call::<_, serde_json::Value>(Method::PUT, &format!("/v1/nodes/{name}/heartbeat"), Some(hb), Duration::from_secs(5)).await.map(|_| ())
+        self.call::<_, serde_json::Value>(
+            Method::PUT,
+            &format!("/v1/nodes/{name}/heartbeat"),
+            Some(hb),
+            Duration::from_secs(5),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn list_nodes(&self) -> Result<api::List<api::Node>, ClientError> {
@@ -109,7 +162,14 @@ impl Client {
     }
 
     pub async fn create_volume(&self, req: &api::CreateVolume) -> Result<api::Volume, ClientError> {
-        self.call(Method::POST, "/v1/volumes", Some(req), Duration::from_secs(30)).await?.ok_or_else(|| ClientError::Protocol("empty body".into()))
+        self.call(
+            Method::POST,
+            "/v1/volumes",
+            Some(req),
+            Duration::from_secs(30),
+        )
+        .await?
+        .ok_or_else(|| ClientError::Protocol("empty body".into()))
     }
 
     pub async fn list_volumes(&self) -> Result<api::List<api::Volume>, ClientError> {
@@ -118,9 +178,18 @@ impl Client {
 
     /// Long-poll: answers once the volume list changed after `after_revision`, or after
     /// `timeout` with the current list.
-    pub async fn watch_volumes(&self, after_revision: u64, timeout: Duration) -> Result<api::List<api::Volume>, ClientError> {
-        let path = format!("/v1/volumes?after_revision={after_revision}&timeout_ms={}", timeout.as_millis());
-        self.call::<(), _>(Method::GET, &path, None, timeout + Duration::from_secs(10)).await?.ok_or_else(|| ClientError::Protocol("empty body".into()))
+    pub async fn watch_volumes(
+        &self,
+        after_revision: u64,
+        timeout: Duration,
+    ) -> Result<api::List<api::Volume>, ClientError> {
+        let path = format!(
+            "/v1/volumes?after_revision={after_revision}&timeout_ms={}",
+            timeout.as_millis()
+        );
+        self.call::<(), _>(Method::GET, &path, None, timeout + Duration::from_secs(10))
+            .await?
+            .ok_or_else(|| ClientError::Protocol("empty body".into()))
     }
 
     pub async fn get_volume(&self, name: &str) -> Result<api::Volume, ClientError> {
@@ -128,13 +197,32 @@ impl Client {
     }
 
     pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
-        self.call::<(), serde_json::Value>(Method::DELETE, &format!("/v1/volumes/{name}"), None, Duration::from_secs(30)).await.map(|_| ())
+        self.call::<(), serde_json::Value>(
+            Method::DELETE,
+            &format!("/v1/volumes/{name}"),
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+        .map(|_| ())
     }
 }
 
 fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     match serde_json::from_slice::<api::ApiError>(body) {
-        Ok(e) => ClientError::Api { status: status.as_u16(), code: e.code, message: e.message },
-        Err(_) => ClientError::Api { status: status.as_u16(), code: "http".into(), message: String::from_utf8_lossy(body).lines().next().unwrap_or("").to_string() },
+        Ok(e) => ClientError::Api {
+            status: status.as_u16(),
+            code: e.code,
+            message: e.message,
+        },
+        Err(_) => ClientError::Api {
+            status: status.as_u16(),
+            code: "http".into(),
+            message: String::from_utf8_lossy(body)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        },
     }
 }

@@ -8,7 +8,10 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let v: f64 = n.trim().parse().map_err(|_| format!("invalid duration {s:?} (use e.g. 5s, 500ms)"))?;
+    let v: f64 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. 5s, 500ms)"))?;
     let secs = match unit {
         "" | "s" => v,
         "ms" => v / 1000.0,

@@ -45,7 +45,10 @@ struct File {
 
 fn config(a: Args) -> Result<Config, String> {
     let f: File = match &a.config {
-        Some(p) => toml::from_str(&std::fs::read_to_string(p).map_err(|e| format!("config {}: {e}", p.display()))?).map_err(|e| format!("config {}: {e}", p.display()))?,
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).map_err(|e| format!("config {}: {e}", p.display()))?,
+        )
+        .map_err(|e| format!("config {}: {e}", p.display()))?,
         None => File::default(),
     };
     match a.store.or(f.store).as_deref() {
@@ -58,12 +61,16 @@ fn config(a: Args) -> Result<Config, String> {
     }
     let d = Config::default();
     let listen = a.listen.or(f.listen).unwrap_or(d.listen);
-    listen.parse::<std::net::SocketAddr>().map_err(|_| format!("listen: {listen:?} is not an IP:PORT address"))?;
+    listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| format!("listen: {listen:?} is not an IP:PORT address"))?;
     Ok(Config {
         listen,
         data_dir: a.data_dir.or(f.data_dir).ok_or("--data-dir is required")?,
         down_after: match a.down_after.or(f.down_after) {
-            Some(s) => volume_mgr::humantime_serde::parse(&s).map_err(|e| format!("down-after: {e}"))?,
+            Some(s) => {
+                volume_mgr::humantime_serde::parse(&s).map_err(|e| format!("down-after: {e}"))?
+            }
             None => d.down_after,
         },
         overcommit: a.overcommit.or(f.overcommit).unwrap_or(d.overcommit),
@@ -72,7 +79,9 @@ fn config(a: Args) -> Result<Config, String> {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cfg = match config(Args::parse()) {
@@ -84,7 +93,9 @@ fn main() -> std::process::ExitCode {
         Err(e) => return fail(&format!("tokio runtime: {e}")),
     };
     let r = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
         volume_mgr::serve(cfg, listener, shutdown_signal()).await
     });
     match r {

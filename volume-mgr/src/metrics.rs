@@ -11,13 +11,21 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn count(&self, method: &str, route: &str, status: u16) {
-        *self.requests.lock().unwrap().entry((method.to_string(), route.to_string(), status)).or_default() += 1;
+        *self
+            .requests
+            .lock()
+            .unwrap()
+            .entry((method.to_string(), route.to_string(), status))
+            .or_default() += 1;
     }
 
     pub fn render(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP volume_mgr_http_requests_total API requests by route and status.\n# TYPE volume_mgr_http_requests_total counter");
         for ((m, r, s), n) in self.requests.lock().unwrap().iter() {
-            let _ = writeln!(out, "volume_mgr_http_requests_total{{method=\"{m}\",route=\"{r}\",status=\"{s}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "volume_mgr_http_requests_total{{method=\"{m}\",route=\"{r}\",status=\"{s}\"}} {n}"
+            );
         }
     }
 }

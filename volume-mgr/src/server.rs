@@ -34,16 +34,28 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { listen: "127.0.0.1:7700".into(), data_dir: "/var/lib/fabric/manager".into(), down_after: Duration::from_secs(5), overcommit: 1.0 }
+        Config {
+            listen: "127.0.0.1:7700".into(),
+            data_dir: "/var/lib/fabric/manager".into(),
+            down_after: Duration::from_secs(5),
+            overcommit: 1.0,
+        }
     }
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A node is up while its last heartbeat is younger than `down_after`.
-pub fn node_state(last_heartbeat_ms: Option<u64>, now_ms: u64, down_after: Duration) -> api::NodeState {
+pub fn node_state(
+    last_heartbeat_ms: Option<u64>,
+    now_ms: u64,
+    down_after: Duration,
+) -> api::NodeState {
     match last_heartbeat_ms {
         Some(t) if now_ms.saturating_sub(t) < down_after.as_millis() as u64 => api::NodeState::Up,
         _ => api::NodeState::Down,
@@ -71,7 +83,14 @@ pub struct Error(StatusCode, &'static str, String);
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        (self.0, Json(ApiError { code: self.1.into(), message: self.2 })).into_response()
+        (
+            self.0,
+            Json(ApiError {
+                code: self.1.into(),
+                message: self.2,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -84,23 +103,54 @@ fn not_found(msg: impl Into<String>) -> Error {
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Conflict(k) => Error(StatusCode::CONFLICT, "conflict", format!("concurrent change to {k}; retry")),
+            StoreError::Conflict(k) => Error(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("concurrent change to {k}; retry"),
+            ),
             StoreError::Backend(m) => {
                 tracing::error!(error = %m, "store failure");
-                Error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("state store unavailable: {m}"))
+                Error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("state store unavailable: {m}"),
+                )
             }
         }
     }
 }
 fn json_err(r: JsonRejection) -> Error {
     let status = r.status();
-    let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE { "unsupported_media_type" } else { "invalid_argument" };
-    let msg = r.body_text().lines().next().unwrap_or("invalid JSON").to_string();
-    Error(if status == StatusCode::UNSUPPORTED_MEDIA_TYPE { status } else { StatusCode::BAD_REQUEST }, code, msg)
+    let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        "unsupported_media_type"
+    } else {
+        "invalid_argument"
+    };
+    let msg = r
+        .body_text()
+        .lines()
+        .next()
+        .unwrap_or("invalid JSON")
+        .to_string();
+    Error(
+        if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            status
+        } else {
+            StatusCode::BAD_REQUEST
+        },
+        code,
+        msg,
+    )
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(b).map_err(|e| Error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("corrupt record: {e}")))
+    serde_json::from_slice(b).map_err(|e| {
+        Error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("corrupt record: {e}"),
+        )
+    })
 }
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("API types serialise")
@@ -110,8 +160,15 @@ type AppState = Arc<App>;
 type ApiResult<T> = Result<T, Error>;
 
 fn validate_node_name(n: &str) -> ApiResult<()> {
-    if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(bad(format!("invalid node name {n:?}: 1-64 of A-Z a-z 0-9 - _ .")));
+    if n.is_empty()
+        || n.len() > 64
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(bad(format!(
+            "invalid node name {n:?}: 1-64 of A-Z a-z 0-9 - _ ."
+        )));
     }
     Ok(())
 }
@@ -124,19 +181,30 @@ fn validate_addr(what: &str, a: &str, allow_empty: bool) -> ApiResult<()> {
     }
 }
 
-async fn register(State(app): State<AppState>, Path(name): Path<String>, body: Result<Json<api::RegisterNode>, JsonRejection>) -> ApiResult<Json<api::Node>> {
+async fn register(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<api::RegisterNode>, JsonRejection>,
+) -> ApiResult<Json<api::Node>> {
     let Json(req) = body.map_err(json_err)?;
     validate_node_name(&name)?;
     validate_addr("address", &req.address, false)?;
     validate_addr("nbd_address", &req.nbd_address, true)?;
     for d in &req.disks {
         if d.path.is_empty() || d.used > d.capacity {
-            return Err(bad(format!("disk {:?}: empty path or used > capacity", d.path)));
+            return Err(bad(format!(
+                "disk {:?}: empty path or used > capacity",
+                d.path
+            )));
         }
     }
     let _g = app.mutate.lock().await;
     let now = now_ms();
-    let old: Option<api::Node> = app.store.get(Kind::Node, &name)?.map(|b| decode(&b)).transpose()?;
+    let old: Option<api::Node> = app
+        .store
+        .get(Kind::Node, &name)?
+        .map(|b| decode(&b))
+        .transpose()?;
     let node = api::Node {
         name: name.clone(),
         address: req.address,
@@ -155,21 +223,46 @@ async fn register(State(app): State<AppState>, Path(name): Path<String>, body: R
         }
     }
     for d in &req.disks {
-        let disk = api::Disk { node: name.clone(), path: d.path.clone(), capacity: d.capacity, used: d.used };
-        ops.push(Op::Put(Kind::Disk, format!("{prefix}{}", d.path), encode(&disk)));
+        let disk = api::Disk {
+            node: name.clone(),
+            path: d.path.clone(),
+            capacity: d.capacity,
+            used: d.used,
+        };
+        ops.push(Op::Put(
+            Kind::Disk,
+            format!("{prefix}{}", d.path),
+            encode(&disk),
+        ));
     }
     app.store.commit(&[], &ops)?;
-    app.live.lock().unwrap().insert(name.clone(), Live { last_heartbeat_ms: now, disks: req.disks });
+    app.live.lock().unwrap().insert(
+        name.clone(),
+        Live {
+            last_heartbeat_ms: now,
+            disks: req.disks,
+        },
+    );
     tracing::info!(node = %name, "node registered");
     Ok(Json(node))
 }
 
-async fn heartbeat(State(app): State<AppState>, Path(name): Path<String>, body: Result<Json<api::Heartbeat>, JsonRejection>) -> ApiResult<StatusCode> {
+async fn heartbeat(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<api::Heartbeat>, JsonRejection>,
+) -> ApiResult<StatusCode> {
     let Json(hb) = body.map_err(json_err)?;
     if app.store.get(Kind::Node, &name)?.is_none() {
         return Err(not_found(format!("node {name} is not registered")));
     }
-    app.live.lock().unwrap().insert(name, Live { last_heartbeat_ms: now_ms(), disks: hb.disks });
+    app.live.lock().unwrap().insert(
+        name,
+        Live {
+            last_heartbeat_ms: now_ms(),
+            disks: hb.disks,
+        },
+    );
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -185,12 +278,21 @@ fn with_liveness(app: &App, mut n: api::Node) -> api::Node {
 
 async fn list_nodes(State(app): State<AppState>) -> ApiResult<Json<api::List<api::Node>>> {
     let (revision, items) = app.store.list(Kind::Node)?;
-    let items = items.iter().map(|(_, b)| decode(b).map(|n| with_liveness(&app, n))).collect::<ApiResult<Vec<_>>>()?;
+    let items = items
+        .iter()
+        .map(|(_, b)| decode(b).map(|n| with_liveness(&app, n)))
+        .collect::<ApiResult<Vec<_>>>()?;
     Ok(Json(api::List { revision, items }))
 }
 
-async fn get_node(State(app): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<api::Node>> {
-    let b = app.store.get(Kind::Node, &name)?.ok_or_else(|| not_found(format!("node {name} not found")))?;
+async fn get_node(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<api::Node>> {
+    let b = app
+        .store
+        .get(Kind::Node, &name)?
+        .ok_or_else(|| not_found(format!("node {name} not found")))?;
     Ok(Json(with_liveness(&app, decode(&b)?)))
 }
 
@@ -200,7 +302,10 @@ fn disks(app: &App) -> ApiResult<(u64, Vec<api::Disk>)> {
     let mut out = Vec::new();
     for (_, b) in items {
         let mut d: api::Disk = decode(&b)?;
-        if let Some(s) = live.get(&d.node).and_then(|l| l.disks.iter().find(|s| s.path == d.path)) {
+        if let Some(s) = live
+            .get(&d.node)
+            .and_then(|l| l.disks.iter().find(|s| s.path == d.path))
+        {
             d.used = s.used;
             d.capacity = s.capacity;
         }
@@ -214,23 +319,40 @@ async fn list_disks(State(app): State<AppState>) -> ApiResult<Json<api::List<api
     Ok(Json(api::List { revision, items }))
 }
 
-async fn create_volume(State(app): State<AppState>, body: Result<Json<api::CreateVolume>, JsonRejection>) -> ApiResult<(StatusCode, Json<api::Volume>)> {
+async fn create_volume(
+    State(app): State<AppState>,
+    body: Result<Json<api::CreateVolume>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<api::Volume>)> {
     let Json(req) = body.map_err(json_err)?;
     api::validate_volume_name(&req.name).map_err(bad)?;
     if req.size == 0 || req.size % 4096 != 0 {
-        return Err(bad(format!("size {} is not a positive multiple of 4096 bytes", req.size)));
+        return Err(bad(format!(
+            "size {} is not a positive multiple of 4096 bytes",
+            req.size
+        )));
     }
     if req.size > MAX_VOLUME_SIZE {
-        return Err(bad(format!("size {} exceeds the maximum of 1 PiB", req.size)));
+        return Err(bad(format!(
+            "size {} exceeds the maximum of 1 PiB",
+            req.size
+        )));
     }
     let _g = app.mutate.lock().await;
     if app.store.get(Kind::Volume, &req.name)?.is_some() {
-        return Err(Error(StatusCode::CONFLICT, "already_exists", format!("volume {} already exists", req.name)));
+        return Err(Error(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("volume {} already exists", req.name),
+        ));
     }
     let (_, ds) = disks(&app)?;
     let capacity: u64 = ds.iter().map(|d| d.capacity).sum();
     if capacity == 0 {
-        return Err(Error(StatusCode::INSUFFICIENT_STORAGE, "no_capacity", "no disks registered: start blockd with --disk".into()));
+        return Err(Error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "no_capacity",
+            "no disks registered: start blockd with --disk".into(),
+        ));
     }
     let (_, vols) = app.store.list(Kind::Volume)?;
     let mut provisioned = 0u64;
@@ -250,10 +372,23 @@ async fn create_volume(State(app): State<AppState>, body: Result<Json<api::Creat
         Some(b) => decode::<u64>(b)?,
         None => 1,
     };
-    let vol = api::Volume { name: req.name.clone(), id, size: req.size, chunk_size: api::DEFAULT_CHUNK_SIZE, replicas: 1, created_ms: now_ms() };
+    let vol = api::Volume {
+        name: req.name.clone(),
+        id,
+        size: req.size,
+        chunk_size: api::DEFAULT_CHUNK_SIZE,
+        replicas: 1,
+        created_ms: now_ms(),
+    };
     let rev = app.store.commit(
-        &[Cond::Equals(Kind::Volume, req.name.clone(), None), Cond::Equals(Kind::Meta, "next_volume_id".into(), cur)],
-        &[Op::Put(Kind::Volume, req.name.clone(), encode(&vol)), Op::Put(Kind::Meta, "next_volume_id".into(), encode(&(id + 1)))],
+        &[
+            Cond::Equals(Kind::Volume, req.name.clone(), None),
+            Cond::Equals(Kind::Meta, "next_volume_id".into(), cur),
+        ],
+        &[
+            Op::Put(Kind::Volume, req.name.clone(), encode(&vol)),
+            Op::Put(Kind::Meta, "next_volume_id".into(), encode(&(id + 1))),
+        ],
     )?;
     app.volume_rev.send_replace(rev);
     tracing::info!(volume = %vol.name, id, size = vol.size, "volume created");
@@ -267,7 +402,10 @@ struct WatchQuery {
     timeout_ms: Option<u64>,
 }
 
-async fn list_volumes(State(app): State<AppState>, q: Result<Query<WatchQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult<Json<api::List<api::Volume>>> {
+async fn list_volumes(
+    State(app): State<AppState>,
+    q: Result<Query<WatchQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<api::List<api::Volume>>> {
     let Query(q) = q.map_err(|e| bad(e.body_text()))?;
     if let Some(after) = q.after_revision {
         let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(60_000));
@@ -275,26 +413,47 @@ async fn list_volumes(State(app): State<AppState>, q: Result<Query<WatchQuery>, 
         let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > after)).await;
     }
     let (revision, items) = app.store.list(Kind::Volume)?;
-    let items = items.iter().map(|(_, b)| decode(b)).collect::<ApiResult<Vec<api::Volume>>>()?;
+    let items = items
+        .iter()
+        .map(|(_, b)| decode(b))
+        .collect::<ApiResult<Vec<api::Volume>>>()?;
     Ok(Json(api::List { revision, items }))
 }
 
-async fn get_volume(State(app): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<api::Volume>> {
-    let b = app.store.get(Kind::Volume, &name)?.ok_or_else(|| not_found(format!("volume {name} not found")))?;
+async fn get_volume(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<api::Volume>> {
+    let b = app
+        .store
+        .get(Kind::Volume, &name)?
+        .ok_or_else(|| not_found(format!("volume {name} not found")))?;
     Ok(Json(decode(&b)?))
 }
 
-async fn delete_volume(State(app): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_volume(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     let _g = app.mutate.lock().await;
-    let cur = app.store.get(Kind::Volume, &name)?.ok_or_else(|| not_found(format!("volume {name} not found")))?;
-    let rev = app.store.commit(&[Cond::Equals(Kind::Volume, name.clone(), Some(cur))], &[Op::Delete(Kind::Volume, name.clone())])?;
+    let cur = app
+        .store
+        .get(Kind::Volume, &name)?
+        .ok_or_else(|| not_found(format!("volume {name} not found")))?;
+    let rev = app.store.commit(
+        &[Cond::Equals(Kind::Volume, name.clone(), Some(cur))],
+        &[Op::Delete(Kind::Volume, name.clone())],
+    )?;
     app.volume_rev.send_replace(rev);
     tracing::info!(volume = %name, "volume deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn cluster(State(app): State<AppState>) -> ApiResult<Json<api::ClusterInfo>> {
-    Ok(Json(api::ClusterInfo { cluster_id: app.cluster_id.clone(), revision: app.store.revision()? }))
+    Ok(Json(api::ClusterInfo {
+        cluster_id: app.cluster_id.clone(),
+        revision: app.store.revision()?,
+    }))
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
@@ -305,23 +464,42 @@ async fn metrics(State(app): State<AppState>) -> Response {
     if let Ok((_, nodes)) = app.store.list(Kind::Node) {
         let live = app.live.lock().unwrap();
         for (name, _) in nodes {
-            match node_state(live.get(&name).map(|l| l.last_heartbeat_ms), now, app.cfg.down_after) {
+            match node_state(
+                live.get(&name).map(|l| l.last_heartbeat_ms),
+                now,
+                app.cfg.down_after,
+            ) {
                 api::NodeState::Up => up += 1,
                 api::NodeState::Down => down += 1,
             }
         }
     }
-    let vols = app.store.list(Kind::Volume).map(|(_, v)| v.len()).unwrap_or(0);
+    let vols = app
+        .store
+        .list(Kind::Volume)
+        .map(|(_, v)| v.len())
+        .unwrap_or(0);
     let rev = app.store.revision().unwrap_or(0);
     use std::fmt::Write;
     let _ = writeln!(out, "# HELP volume_mgr_nodes Nodes by state.\n# TYPE volume_mgr_nodes gauge\nvolume_mgr_nodes{{state=\"up\"}} {up}\nvolume_mgr_nodes{{state=\"down\"}} {down}");
     let _ = writeln!(out, "# HELP volume_mgr_volumes Volumes.\n# TYPE volume_mgr_volumes gauge\nvolume_mgr_volumes {vols}");
     let _ = writeln!(out, "# HELP volume_mgr_store_revision Store revision.\n# TYPE volume_mgr_store_revision gauge\nvolume_mgr_store_revision {rev}");
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn count(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
     let resp = next.run(req).await;
     app.metrics.count(&method, &route, resp.status().as_u16());
@@ -341,33 +519,64 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
-        .method_not_allowed_fallback(|| async { Error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route".into()) })
+        .method_not_allowed_fallback(|| async {
+            Error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route".into(),
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
 }
 
 /// Opens the store under `cfg.data_dir` (creating it) and builds the application.
 pub fn open(cfg: Config) -> Result<Arc<App>, String> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
-    let store = crate::store::RedbStore::open(&cfg.data_dir.join("state.redb")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
+    let store = crate::store::RedbStore::open(&cfg.data_dir.join("state.redb"))
+        .map_err(|e| e.to_string())?;
     open_with_store(cfg, Arc::new(store))
 }
 
 pub fn open_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Arc<App>, String> {
     if !(cfg.overcommit > 0.0 && cfg.overcommit.is_finite()) {
-        return Err(format!("overcommit must be a positive number, got {}", cfg.overcommit));
+        return Err(format!(
+            "overcommit must be a positive number, got {}",
+            cfg.overcommit
+        ));
     }
-    let cluster_id = match store.get(Kind::Meta, "cluster_id").map_err(|e| e.to_string())? {
+    let cluster_id = match store
+        .get(Kind::Meta, "cluster_id")
+        .map_err(|e| e.to_string())?
+    {
         Some(b) => String::from_utf8_lossy(&b).into_owned(),
         None => {
             let id = new_cluster_id();
-            store.commit(&[Cond::Equals(Kind::Meta, "cluster_id".into(), None)], &[Op::Put(Kind::Meta, "cluster_id".into(), id.clone().into_bytes())]).map_err(|e| e.to_string())?;
+            store
+                .commit(
+                    &[Cond::Equals(Kind::Meta, "cluster_id".into(), None)],
+                    &[Op::Put(
+                        Kind::Meta,
+                        "cluster_id".into(),
+                        id.clone().into_bytes(),
+                    )],
+                )
+                .map_err(|e| e.to_string())?;
             id
         }
     };
     let rev = store.revision().map_err(|e| e.to_string())?;
     let (volume_rev, _) = tokio::sync::watch::channel(rev);
-    Ok(Arc::new(App { store, cfg, cluster_id, volume_rev, mutate: tokio::sync::Mutex::new(()), live: Mutex::new(HashMap::new()), metrics: Metrics::default() }))
+    Ok(Arc::new(App {
+        store,
+        cfg,
+        cluster_id,
+        volume_rev,
+        mutate: tokio::sync::Mutex::new(()),
+        live: Mutex::new(HashMap::new()),
+        metrics: Metrics::default(),
+    }))
 }
 
 fn new_cluster_id() -> String {
@@ -377,15 +586,25 @@ fn new_cluster_id() -> String {
         let _ = f.read_exact(&mut b);
     }
     let t = now_ms();
-    b[..8].iter_mut().zip(t.to_le_bytes()).for_each(|(x, y)| *x ^= y);
+    b[..8]
+        .iter_mut()
+        .zip(t.to_le_bytes())
+        .for_each(|(x, y)| *x ^= y);
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
-pub async fn serve(cfg: Config, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+pub async fn serve(
+    cfg: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let app = open(cfg)?;
     tracing::info!(addr = ?listener.local_addr().ok(), cluster_id = %app.cluster_id, "volume-mgr serving");
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

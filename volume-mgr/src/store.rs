@@ -47,10 +47,13 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// `(revision, [(name, value)])`.
+pub type Listing = (u64, Vec<(String, Vec<u8>)>);
+
 pub trait Store: Send + Sync + 'static {
     fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// All objects of a kind, sorted by name, with the revision they were read at.
-    fn list(&self, kind: Kind) -> Result<(u64, Vec<(String, Vec<u8>)>), StoreError>;
+    fn list(&self, kind: Kind) -> Result<Listing, StoreError>;
     /// Applies `ops` atomically if every condition holds; returns the new revision.
     fn commit(&self, conds: &[Cond], ops: &[Op]) -> Result<u64, StoreError>;
     fn revision(&self) -> Result<u64, StoreError>;
@@ -74,7 +77,8 @@ fn key(kind: Kind, name: &str) -> String {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = redb::Database::create(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let db = redb::Database::create(path)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(be)?;
         {
             tx.open_table(OBJECTS).map_err(be)?;
@@ -90,10 +94,12 @@ impl Store for RedbStore {
         use redb::ReadableDatabase;
         let tx = self.db.begin_read().map_err(be)?;
         let t = tx.open_table(OBJECTS).map_err(be)?;
-        Ok(t.get(key(kind, name).as_str()).map_err(be)?.map(|v| v.value().to_vec()))
+        Ok(t.get(key(kind, name).as_str())
+            .map_err(be)?
+            .map(|v| v.value().to_vec()))
     }
 
-    fn list(&self, kind: Kind) -> Result<(u64, Vec<(String, Vec<u8>)>), StoreError> {
+    fn list(&self, kind: Kind) -> Result<Listing, StoreError> {
         use redb::ReadableDatabase;
         let tx = self.db.begin_read().map_err(be)?;
         let t = tx.open_table(OBJECTS).map_err(be)?;
@@ -126,7 +132,8 @@ impl Store for RedbStore {
             for op in ops {
                 match op {
                     Op::Put(kind, name, v) => {
-                        t.insert(key(*kind, name).as_str(), v.as_slice()).map_err(be)?;
+                        t.insert(key(*kind, name).as_str(), v.as_slice())
+                            .map_err(be)?;
                     }
                     Op::Delete(kind, name) => {
                         t.remove(key(*kind, name).as_str()).map_err(be)?;
@@ -155,24 +162,49 @@ impl Store for RedbStore {
 pub fn conformance(s: &dyn Store) {
     let r0 = s.revision().unwrap();
     assert_eq!(s.get(Kind::Volume, "a").unwrap(), None);
-    let r1 = s.commit(&[Cond::Equals(Kind::Volume, "a".into(), None)], &[Op::Put(Kind::Volume, "a".into(), b"1".to_vec())]).unwrap();
+    let r1 = s
+        .commit(
+            &[Cond::Equals(Kind::Volume, "a".into(), None)],
+            &[Op::Put(Kind::Volume, "a".into(), b"1".to_vec())],
+        )
+        .unwrap();
     assert!(r1 > r0);
     assert_eq!(s.get(Kind::Volume, "a").unwrap(), Some(b"1".to_vec()));
     // A failed condition applies nothing and does not bump the revision.
-    let e = s.commit(&[Cond::Equals(Kind::Volume, "a".into(), None)], &[Op::Put(Kind::Volume, "b".into(), b"2".to_vec())]);
+    let e = s.commit(
+        &[Cond::Equals(Kind::Volume, "a".into(), None)],
+        &[Op::Put(Kind::Volume, "b".into(), b"2".to_vec())],
+    );
     assert!(matches!(e, Err(StoreError::Conflict(_))));
     assert_eq!(s.get(Kind::Volume, "b").unwrap(), None);
     assert_eq!(s.revision().unwrap(), r1);
     // Compare-and-swap on a value.
-    s.commit(&[Cond::Equals(Kind::Volume, "a".into(), Some(b"1".to_vec()))], &[Op::Put(Kind::Volume, "a".into(), b"3".to_vec()), Op::Put(Kind::Node, "n".into(), b"x".to_vec())]).unwrap();
-    assert!(s.commit(&[Cond::Equals(Kind::Volume, "a".into(), Some(b"1".to_vec()))], &[]).is_err());
+    s.commit(
+        &[Cond::Equals(Kind::Volume, "a".into(), Some(b"1".to_vec()))],
+        &[
+            Op::Put(Kind::Volume, "a".into(), b"3".to_vec()),
+            Op::Put(Kind::Node, "n".into(), b"x".to_vec()),
+        ],
+    )
+    .unwrap();
+    assert!(s
+        .commit(
+            &[Cond::Equals(Kind::Volume, "a".into(), Some(b"1".to_vec()))],
+            &[]
+        )
+        .is_err());
     // Kinds are separate namespaces; lists are sorted and carry the revision.
-    s.commit(&[], &[Op::Put(Kind::Volume, "0z".into(), b"z".to_vec())]).unwrap();
+    s.commit(&[], &[Op::Put(Kind::Volume, "0z".into(), b"z".to_vec())])
+        .unwrap();
     let (rev, items) = s.list(Kind::Volume).unwrap();
     assert_eq!(rev, s.revision().unwrap());
-    assert_eq!(items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["0z", "a"]);
+    assert_eq!(
+        items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        vec!["0z", "a"]
+    );
     assert_eq!(s.list(Kind::Node).unwrap().1.len(), 1);
-    s.commit(&[], &[Op::Delete(Kind::Volume, "a".into())]).unwrap();
+    s.commit(&[], &[Op::Delete(Kind::Volume, "a".into())])
+        .unwrap();
     assert_eq!(s.get(Kind::Volume, "a").unwrap(), None);
 }
 

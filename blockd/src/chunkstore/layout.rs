@@ -48,14 +48,21 @@ impl Geometry {
     pub fn for_size(size: u64) -> Result<Geometry, LayoutError> {
         let min = SUPERBLOCK_SIZE + RECORD_SIZE + SLOT_SIZE;
         if size < SLOT_SIZE * 2 {
-            return Err(LayoutError::TooSmall(size, min.next_multiple_of(SLOT_SIZE) + SLOT_SIZE));
+            return Err(LayoutError::TooSmall(
+                size,
+                min.next_multiple_of(SLOT_SIZE) + SLOT_SIZE,
+            ));
         }
         // records for n slots must fit before data_offset, which is 4 MiB aligned.
         let mut slots = size / SLOT_SIZE;
         loop {
             let data_offset = (SUPERBLOCK_SIZE + slots * RECORD_SIZE).next_multiple_of(SLOT_SIZE);
             if data_offset + slots * SLOT_SIZE <= size {
-                return Ok(Geometry { slots, records_offset: SUPERBLOCK_SIZE, data_offset });
+                return Ok(Geometry {
+                    slots,
+                    records_offset: SUPERBLOCK_SIZE,
+                    data_offset,
+                });
             }
             if slots == 1 {
                 return Err(LayoutError::TooSmall(size, min));
@@ -116,7 +123,10 @@ impl Superblock {
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         if u32_at(8) != 1 {
-            return Err(LayoutError::Unsupported(format!("layout version {}", u32_at(8))));
+            return Err(LayoutError::Unsupported(format!(
+                "layout version {}",
+                u32_at(8)
+            )));
         }
         if u32_at(12) as u64 != BLOCK || u64_at(16) != SLOT_SIZE {
             return Err(LayoutError::Unsupported("block or slot size".into()));
@@ -160,7 +170,13 @@ pub fn zero_block_crc() -> u32 {
 
 impl SlotRecord {
     pub fn new(key: ChunkKey) -> SlotRecord {
-        SlotRecord { gen: 0, key, version: 0, written: [0; BLOCKS_PER_SLOT / 64], crcs: vec![zero_block_crc(); BLOCKS_PER_SLOT] }
+        SlotRecord {
+            gen: 0,
+            key,
+            version: 0,
+            written: [0; BLOCKS_PER_SLOT / 64],
+            crcs: vec![zero_block_crc(); BLOCKS_PER_SLOT],
+        }
     }
 
     pub fn is_written(&self, block: usize) -> bool {
@@ -215,7 +231,10 @@ impl SlotRecord {
             1 => {}
             s => return Err(LayoutError::Unsupported(format!("record state {s}"))),
         }
-        let mut r = SlotRecord::new(ChunkKey { volume: u64_at(8), index: u64_at(16) });
+        let mut r = SlotRecord::new(ChunkKey {
+            volume: u64_at(8),
+            index: u64_at(16),
+        });
         r.version = u64_at(24);
         r.gen = gen;
         let mut o = HDR_LEN;
@@ -296,7 +315,13 @@ mod tests {
 
     #[test]
     fn superblock_roundtrip_and_errors() {
-        let sb = Superblock { disk_id: 7, cluster_id: "c-1".into(), size: 1 << 30, slots: 200, clean: true };
+        let sb = Superblock {
+            disk_id: 7,
+            cluster_id: "c-1".into(),
+            size: 1 << 30,
+            slots: 200,
+            clean: true,
+        };
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b).unwrap(), sb);
         b[100] ^= 1;
@@ -307,7 +332,10 @@ mod tests {
 
     #[test]
     fn record_roundtrip_and_errors() {
-        let mut r = SlotRecord::new(ChunkKey { volume: 3, index: 9 });
+        let mut r = SlotRecord::new(ChunkKey {
+            volume: 3,
+            index: 9,
+        });
         r.version = 42;
         r.gen = 5;
         r.set_written(0, true);
@@ -317,7 +345,10 @@ mod tests {
         assert_eq!(b.len(), COPY_SIZE as usize);
         assert_eq!(SlotRecord::decode(&b).unwrap(), (5, Some(r.clone())));
         assert_eq!(r.written_blocks(), 2);
-        assert_eq!(SlotRecord::decode(&SlotRecord::encode_free(8)).unwrap(), (8, None));
+        assert_eq!(
+            SlotRecord::decode(&SlotRecord::encode_free(8)).unwrap(),
+            (8, None)
+        );
         b[300] ^= 0x10;
         assert_eq!(SlotRecord::decode(&b), Err(LayoutError::BadChecksum));
         b[0] ^= 1;
@@ -327,7 +358,10 @@ mod tests {
 
     #[test]
     fn slot_picks_newest_valid_copy() {
-        let mut r = SlotRecord::new(ChunkKey { volume: 1, index: 0 });
+        let mut r = SlotRecord::new(ChunkKey {
+            volume: 1,
+            index: 0,
+        });
         let mut slot = vec![0u8; RECORD_SIZE as usize];
         assert_eq!(SlotRecord::decode_slot(&slot).unwrap(), (0, None));
         for gen in 1..=3u64 {

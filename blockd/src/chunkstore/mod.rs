@@ -48,7 +48,10 @@ impl DiskConfig {
                 size: Some(parse_size(sz).map_err(|e| format!("disk {s:?}: {e}"))?),
             }),
             _ if s.is_empty() => Err("empty disk path".into()),
-            _ => Ok(DiskConfig { path: s.into(), size: None }),
+            _ => Ok(DiskConfig {
+                path: s.into(),
+                size: None,
+            }),
         }
     }
 }
@@ -72,7 +75,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         None => (s, 1),
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}"))?;
     if !v.is_finite() || v < 0.0 || v * mult as f64 > u64::MAX as f64 {
         return Err(format!("invalid size {s:?}"));
     }
@@ -84,13 +90,21 @@ pub enum StoreError {
     #[error("disk {path}: {source}")]
     Layout { path: PathBuf, source: LayoutError },
     #[error("disk {path}: {op}: {source}")]
-    Io { path: PathBuf, op: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
     #[error("disk {path}: {msg}")]
     Config { path: PathBuf, msg: String },
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { path: path.to_path_buf(), op, source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
 }
 
 /// Counters for `/metrics`.
@@ -154,14 +168,21 @@ fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
-fn open_disk(cfg: &DiskConfig, id: u64, metrics: &StoreMetrics) -> Result<(Disk, Vec<(u64, SlotRecord)>), StoreError> {
+fn open_disk(
+    cfg: &DiskConfig,
+    id: u64,
+    metrics: &StoreMetrics,
+) -> Result<(Disk, Vec<(u64, SlotRecord)>), StoreError> {
     let path = &cfg.path;
     let exists = path.exists();
     let mut oo = OpenOptions::new();
     oo.read(true).write(true);
     if !exists {
         if cfg.size.is_none() {
-            return Err(StoreError::Config { path: path.clone(), msg: "does not exist; give a size (PATH:SIZE) to create it".into() });
+            return Err(StoreError::Config {
+                path: path.clone(),
+                msg: "does not exist; give a size (PATH:SIZE) to create it".into(),
+            });
         }
         oo.create(true);
     }
@@ -183,46 +204,87 @@ fn open_disk(cfg: &DiskConfig, id: u64, metrics: &StoreMetrics) -> Result<(Disk,
             _ => len,
         }
     } else {
-        return Err(StoreError::Config { path: path.clone(), msg: "not a regular file or block device".into() });
+        return Err(StoreError::Config {
+            path: path.clone(),
+            msg: "not a regular file or block device".into(),
+        });
     };
-    let (data, direct) = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
+    let (data, direct) = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
         Ok(f) => (f, true),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             tracing::warn!(path = %path.display(), "O_DIRECT not supported; using the page cache");
-            (OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path, "open"))?, false)
+            (
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(io_err(path, "open"))?,
+                false,
+            )
         }
         Err(e) => return Err(io_err(path, "open O_DIRECT")(e)),
     };
     let mut sbuf = vec![0u8; layout::SUPERBLOCK_SIZE as usize];
-    meta.read_exact_at(&mut sbuf, 0).map_err(io_err(path, "read superblock"))?;
+    meta.read_exact_at(&mut sbuf, 0)
+        .map_err(io_err(path, "read superblock"))?;
     let sb = match Superblock::decode(&sbuf) {
         Ok(sb) => sb,
         Err(LayoutError::BadMagic) if is_zero(&sbuf) => {
-            let geo = Geometry::for_size(size).map_err(|source| StoreError::Layout { path: path.clone(), source })?;
+            let geo = Geometry::for_size(size).map_err(|source| StoreError::Layout {
+                path: path.clone(),
+                source,
+            })?;
             // Blank the record area so no stale bytes look like records.
             let rec_len = geo.slots * RECORD_SIZE;
-            if crate::sys::fallocate(&meta, crate::sys::ZERO_RANGE, geo.records_offset, rec_len).is_err() {
+            if crate::sys::fallocate(&meta, crate::sys::ZERO_RANGE, geo.records_offset, rec_len)
+                .is_err()
+            {
                 let zeros = vec![0u8; 1 << 20];
                 let mut o = 0;
                 while o < rec_len {
                     let n = (rec_len - o).min(zeros.len() as u64) as usize;
-                    meta.write_all_at(&zeros[..n], geo.records_offset + o).map_err(io_err(path, "zero records"))?;
+                    meta.write_all_at(&zeros[..n], geo.records_offset + o)
+                        .map_err(io_err(path, "zero records"))?;
                     o += n as u64;
                 }
             }
-            let sb = Superblock { disk_id: id, cluster_id: String::new(), size, slots: geo.slots, clean: true };
-            meta.write_all_at(&sb.encode(), 0).map_err(io_err(path, "write superblock"))?;
+            let sb = Superblock {
+                disk_id: id,
+                cluster_id: String::new(),
+                size,
+                slots: geo.slots,
+                clean: true,
+            };
+            meta.write_all_at(&sb.encode(), 0)
+                .map_err(io_err(path, "write superblock"))?;
             meta.sync_data().map_err(io_err(path, "fdatasync"))?;
             tracing::info!(path = %path.display(), size, slots = geo.slots, "formatted new disk");
             sb
         }
         Err(source) => {
-            return Err(StoreError::Config { path: path.clone(), msg: format!("not a fabric disk ({source}); refusing to overwrite it") })
+            return Err(StoreError::Config {
+                path: path.clone(),
+                msg: format!("not a fabric disk ({source}); refusing to overwrite it"),
+            })
         }
     };
-    let geo = Geometry::for_size(sb.size).map_err(|source| StoreError::Layout { path: path.clone(), source })?;
+    let geo = Geometry::for_size(sb.size).map_err(|source| StoreError::Layout {
+        path: path.clone(),
+        source,
+    })?;
     if geo.slots != sb.slots || sb.size > size {
-        return Err(StoreError::Config { path: path.clone(), msg: format!("superblock says {} bytes / {} slots, device has {} bytes", sb.size, sb.slots, size) });
+        return Err(StoreError::Config {
+            path: path.clone(),
+            msg: format!(
+                "superblock says {} bytes / {} slots, device has {} bytes",
+                sb.size, sb.slots, size
+            ),
+        });
     }
     // Load slot records.
     let mut used = Vec::new();
@@ -233,7 +295,8 @@ fn open_disk(cfg: &DiskConfig, id: u64, metrics: &StoreMetrics) -> Result<(Disk,
     while s < geo.slots {
         let n = (geo.slots - s).min(per_read);
         let b = &mut buf[..(n * RECORD_SIZE) as usize];
-        meta.read_exact_at(b, geo.record_offset(s)).map_err(io_err(path, "read records"))?;
+        meta.read_exact_at(b, geo.record_offset(s))
+            .map_err(io_err(path, "read records"))?;
         for i in 0..n {
             let r = &b[(i * RECORD_SIZE) as usize..((i + 1) * RECORD_SIZE) as usize];
             match SlotRecord::decode_slot(r) {
@@ -253,7 +316,15 @@ fn open_disk(cfg: &DiskConfig, id: u64, metrics: &StoreMetrics) -> Result<(Disk,
         s += n;
     }
     free.reverse();
-    let disk = Disk { path: path.clone(), data: Arc::new(data), meta: Arc::new(meta), geo, sb: Mutex::new(sb), free: Mutex::new(free), direct };
+    let disk = Disk {
+        path: path.clone(),
+        data: Arc::new(data),
+        meta: Arc::new(meta),
+        geo,
+        sb: Mutex::new(sb),
+        free: Mutex::new(free),
+        direct,
+    };
     Ok((disk, used))
 }
 
@@ -263,7 +334,9 @@ fn restamp(disk: &Disk, slot: u64, rec: &mut SlotRecord) -> Result<u64, StoreErr
         return Ok(0);
     }
     let mut data = vec![0u8; SLOT_SIZE as usize];
-    disk.meta.read_exact_at(&mut data, disk.geo.data_offset(slot)).map_err(io_err(&disk.path, "read for restamp"))?;
+    disk.meta
+        .read_exact_at(&mut data, disk.geo.data_offset(slot))
+        .map_err(io_err(&disk.path, "read for restamp"))?;
     let mut fixed = 0;
     for b in 0..layout::BLOCKS_PER_SLOT {
         if rec.is_written(b) {
@@ -281,7 +354,10 @@ impl ChunkStore {
     /// Opens (formatting blank ones) the given disks.
     pub fn open(disks: &[DiskConfig]) -> Result<ChunkStore, StoreError> {
         if disks.is_empty() {
-            return Err(StoreError::Config { path: PathBuf::new(), msg: "no disks configured (--disk PATH[:SIZE])".into() });
+            return Err(StoreError::Config {
+                path: PathBuf::new(),
+                msg: "no disks configured (--disk PATH[:SIZE])".into(),
+            });
         }
         let engine = Engine::new(512).map_err(io_err(Path::new("io_uring"), "io_uring_setup"))?;
         let metrics = StoreMetrics::default();
@@ -302,13 +378,27 @@ impl ChunkStore {
                 }
                 let key = rec.key;
                 if let Some(other) = chunks.get(&key) {
-                    tracing::error!(?key, slot, other_slot = other.slot, "chunk recorded twice; keeping the newer version, quarantining the other");
+                    tracing::error!(
+                        ?key,
+                        slot,
+                        other_slot = other.slot,
+                        "chunk recorded twice; keeping the newer version, quarantining the other"
+                    );
                     metrics.bad_records.fetch_add(1, Ordering::Relaxed);
                     if other.rec.lock().unwrap().version >= rec.version {
                         continue;
                     }
                 }
-                let c = Arc::new(Chunk { key, disk: i, slot, rec: Mutex::new(rec), dirty: AtomicBool::new(is_dirty), deleted: AtomicBool::new(false), locks: RangeLock::default(), persist: tokio::sync::Mutex::new(()) });
+                let c = Arc::new(Chunk {
+                    key,
+                    disk: i,
+                    slot,
+                    rec: Mutex::new(rec),
+                    dirty: AtomicBool::new(is_dirty),
+                    deleted: AtomicBool::new(false),
+                    locks: RangeLock::default(),
+                    persist: tokio::sync::Mutex::new(()),
+                });
                 if is_dirty {
                     dirty.push(c.clone());
                 }
@@ -320,18 +410,32 @@ impl ChunkStore {
             {
                 let mut sb = disk.sb.lock().unwrap();
                 sb.clean = false;
-                disk.meta.write_all_at(&sb.encode(), 0).map_err(io_err(&disk.path, "write superblock"))?;
+                disk.meta
+                    .write_all_at(&sb.encode(), 0)
+                    .map_err(io_err(&disk.path, "write superblock"))?;
             }
-            disk.meta.sync_data().map_err(io_err(&disk.path, "fdatasync"))?;
+            disk.meta
+                .sync_data()
+                .map_err(io_err(&disk.path, "fdatasync"))?;
             tracing::info!(path = %disk.path.display(), slots = disk.geo.slots, free = disk.free.lock().unwrap().len(), direct = disk.direct, "disk open");
             opened.push(disk);
         }
-        Ok(ChunkStore { disks: opened, chunks: RwLock::new(chunks), dirty: Mutex::new(dirty), engine, metrics })
+        Ok(ChunkStore {
+            disks: opened,
+            chunks: RwLock::new(chunks),
+            dirty: Mutex::new(dirty),
+            engine,
+            metrics,
+        })
     }
 
     /// The cluster id recorded on the disks ("" when never registered).
     pub fn cluster_id(&self) -> String {
-        self.disks.iter().map(|d| d.sb.lock().unwrap().cluster_id.clone()).find(|c| !c.is_empty()).unwrap_or_default()
+        self.disks
+            .iter()
+            .map(|d| d.sb.lock().unwrap().cluster_id.clone())
+            .find(|c| !c.is_empty())
+            .unwrap_or_default()
     }
 
     /// Records the cluster id on every disk (durably).
@@ -339,7 +443,9 @@ impl ChunkStore {
         for d in &self.disks {
             let mut sb = d.sb.lock().unwrap();
             sb.cluster_id = id.to_string();
-            d.meta.write_all_at(&sb.encode(), 0).map_err(io_err(&d.path, "write superblock"))?;
+            d.meta
+                .write_all_at(&sb.encode(), 0)
+                .map_err(io_err(&d.path, "write superblock"))?;
             d.meta.sync_data().map_err(io_err(&d.path, "fdatasync"))?;
         }
         Ok(())
@@ -353,13 +459,24 @@ impl ChunkStore {
         self.disks
             .iter()
             .zip(used)
-            .map(|(d, used)| DiskStats { path: d.path.display().to_string(), capacity: d.geo.slots * SLOT_SIZE, used, slots: d.geo.slots, free_slots: d.free.lock().unwrap().len() as u64 })
+            .map(|(d, used)| DiskStats {
+                path: d.path.display().to_string(),
+                capacity: d.geo.slots * SLOT_SIZE,
+                used,
+                slots: d.geo.slots,
+                free_slots: d.free.lock().unwrap().len() as u64,
+            })
             .collect()
     }
 
     /// Volume ids that have chunks here.
     pub fn volumes(&self) -> BTreeSet<u64> {
-        self.chunks.read().unwrap().keys().map(|k| k.volume).collect()
+        self.chunks
+            .read()
+            .unwrap()
+            .keys()
+            .map(|k| k.volume)
+            .collect()
     }
 
     /// Version of a chunk (None when not stored here).
@@ -396,8 +513,22 @@ impl ChunkStore {
                 self.metrics.nospace_errors.fetch_add(1, Ordering::Relaxed);
                 ExportError::NoSpace
             })?;
-        let slot = self.disks[di].free.lock().unwrap().pop().ok_or(ExportError::NoSpace)?;
-        let c = Arc::new(Chunk { key, disk: di, slot, rec: Mutex::new(SlotRecord::new(key)), dirty: AtomicBool::new(false), deleted: AtomicBool::new(false), locks: RangeLock::default(), persist: tokio::sync::Mutex::new(()) });
+        let slot = self.disks[di]
+            .free
+            .lock()
+            .unwrap()
+            .pop()
+            .ok_or(ExportError::NoSpace)?;
+        let c = Arc::new(Chunk {
+            key,
+            disk: di,
+            slot,
+            rec: Mutex::new(SlotRecord::new(key)),
+            dirty: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
+            locks: RangeLock::default(),
+            persist: tokio::sync::Mutex::new(()),
+        });
         map.insert(key, c.clone());
         drop(map);
         // The slot's old record generation continues so the new record is the newer copy.
@@ -418,13 +549,37 @@ impl ChunkStore {
     /// Reads whole blocks `b0..b0+n` of a chunk into `buf[start..]` and checks them: blocks
     /// never written come back as zeroes, written ones must match their crc. Caller holds
     /// the range lock.
-    async fn read_blocks(&self, c: &Chunk, b0: u64, n: u64, buf: AlignedBuf, start: usize) -> (AlignedBuf, Result<(), ExportError>) {
+    async fn read_blocks(
+        &self,
+        c: &Chunk,
+        b0: u64,
+        n: u64,
+        buf: AlignedBuf,
+        start: usize,
+    ) -> (AlignedBuf, Result<(), ExportError>) {
         let disk = &self.disks[c.disk];
         let len = (n * BLOCK) as usize;
-        let (mut buf, r) = self.engine.read(&disk.data, disk.geo.data_offset(c.slot) + b0 * BLOCK, buf, start, len).await;
+        let (mut buf, r) = self
+            .engine
+            .read(
+                &disk.data,
+                disk.geo.data_offset(c.slot) + b0 * BLOCK,
+                buf,
+                start,
+                len,
+            )
+            .await;
         match r {
             Ok(got) if got == len => {}
-            Ok(got) => return (buf, Err(ExportError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("short read: {got} of {len} bytes"))))),
+            Ok(got) => {
+                return (
+                    buf,
+                    Err(ExportError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("short read: {got} of {len} bytes"),
+                    ))),
+                )
+            }
             Err(e) => {
                 let e = self.io_error(e);
                 return (buf, Err(e));
@@ -448,10 +603,19 @@ impl ChunkStore {
     }
 
     /// Reads `len` bytes at `off` within chunk `key` into `buf[start..start+len]`.
-    pub async fn read_into(&self, key: ChunkKey, off: u64, mut buf: AlignedBuf, start: usize, len: usize) -> (AlignedBuf, Result<(), ExportError>) {
+    pub async fn read_into(
+        &self,
+        key: ChunkKey,
+        off: u64,
+        mut buf: AlignedBuf,
+        start: usize,
+        len: usize,
+    ) -> (AlignedBuf, Result<(), ExportError>) {
         debug_assert!(off + len as u64 <= SLOT_SIZE);
         self.metrics.read_ops.fetch_add(1, Ordering::Relaxed);
-        self.metrics.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.metrics
+            .read_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
         let Some(c) = self.get(key) else {
             buf.full_mut()[start..start + len].fill(0);
             return (buf, Ok(()));
@@ -461,7 +625,10 @@ impl ChunkStore {
         let Ok(_g) = c.locks.lock(b0 as u32, b1 as u32, false).await else {
             return (buf, Err(ExportError::Shutdown));
         };
-        if off % BLOCK == 0 && len as u64 % BLOCK == 0 && start as u64 % BLOCK == 0 {
+        if off.is_multiple_of(BLOCK)
+            && (len as u64).is_multiple_of(BLOCK)
+            && (start as u64).is_multiple_of(BLOCK)
+        {
             return self.read_blocks(&c, b0, b1 - b0, buf, start).await;
         }
         let tmp = AlignedBuf::zeroed(((b1 - b0) * BLOCK) as usize);
@@ -475,10 +642,30 @@ impl ChunkStore {
 
     /// Writes whole blocks at `b0` from `data[start..start+len]`. Caller holds the exclusive
     /// range lock.
-    async fn write_blocks(&self, c: &Arc<Chunk>, b0: u64, data: Buf, start: usize, len: usize) -> Result<(), ExportError> {
-        let crcs: Vec<u32> = data.bytes()[start..start + len].chunks(BLOCK as usize).map(crc32fast::hash).collect();
+    async fn write_blocks(
+        &self,
+        c: &Arc<Chunk>,
+        b0: u64,
+        data: Buf,
+        start: usize,
+        len: usize,
+    ) -> Result<(), ExportError> {
+        let crcs: Vec<u32> = data.bytes()[start..start + len]
+            .chunks(BLOCK as usize)
+            .map(crc32fast::hash)
+            .collect();
         let disk = &self.disks[c.disk];
-        let (_, r) = self.engine.write(&disk.data, disk.geo.data_offset(c.slot) + b0 * BLOCK, data, start, len, false).await;
+        let (_, r) = self
+            .engine
+            .write(
+                &disk.data,
+                disk.geo.data_offset(c.slot) + b0 * BLOCK,
+                data,
+                start,
+                len,
+                false,
+            )
+            .await;
         match r {
             Ok(()) => {
                 let mut rec = c.rec.lock().unwrap();
@@ -497,12 +684,23 @@ impl ChunkStore {
                 // after a failed write, as for any disk).
                 let n = (len as u64) / BLOCK;
                 let probe = AlignedBuf::zeroed(len);
-                let (probe, pr) = self.engine.read(&disk.data, disk.geo.data_offset(c.slot) + b0 * BLOCK, probe, 0, len).await;
+                let (probe, pr) = self
+                    .engine
+                    .read(
+                        &disk.data,
+                        disk.geo.data_offset(c.slot) + b0 * BLOCK,
+                        probe,
+                        0,
+                        len,
+                    )
+                    .await;
                 if matches!(pr, Ok(got) if got == len) {
                     let mut rec = c.rec.lock().unwrap();
                     for i in 0..n as usize {
                         if rec.is_written(b0 as usize + i) {
-                            rec.crcs[b0 as usize + i] = crc32fast::hash(&probe[i * BLOCK as usize..(i + 1) * BLOCK as usize]);
+                            rec.crcs[b0 as usize + i] = crc32fast::hash(
+                                &probe[i * BLOCK as usize..(i + 1) * BLOCK as usize],
+                            );
                         }
                     }
                     rec.version += 1;
@@ -515,50 +713,81 @@ impl ChunkStore {
     }
 
     /// Writes `data[start..start+len]` at `off` within chunk `key`.
-    pub async fn write(&self, key: ChunkKey, off: u64, data: Buf, start: usize, len: usize, fua: bool) -> Result<(), ExportError> {
+    pub async fn write(
+        &self,
+        key: ChunkKey,
+        off: u64,
+        data: Buf,
+        start: usize,
+        len: usize,
+        fua: bool,
+    ) -> Result<(), ExportError> {
         debug_assert!(off + len as u64 <= SLOT_SIZE);
         if len == 0 {
             return Ok(());
         }
         self.metrics.write_ops.fetch_add(1, Ordering::Relaxed);
-        self.metrics.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.metrics
+            .write_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
         let c = self.get_or_alloc(key)?;
         let b0 = off / BLOCK;
         let b1 = (off + len as u64).div_ceil(BLOCK);
-        let _g = c.locks.lock(b0 as u32, b1 as u32, true).await.map_err(|_| ExportError::Shutdown)?;
-        if off % BLOCK == 0 && len as u64 % BLOCK == 0 && start as u64 % BLOCK == 0 {
+        let _g = c
+            .locks
+            .lock(b0 as u32, b1 as u32, true)
+            .await
+            .map_err(|_| ExportError::Shutdown)?;
+        if off.is_multiple_of(BLOCK)
+            && (len as u64).is_multiple_of(BLOCK)
+            && (start as u64).is_multiple_of(BLOCK)
+        {
             self.write_blocks(&c, b0, data, start, len).await?;
         } else {
             // Read-modify-write of the partial head and tail blocks.
             let n = b1 - b0;
             let mut tmp = AlignedBuf::zeroed((n * BLOCK) as usize);
-            let head = off % BLOCK != 0;
-            let tail = (off + len as u64) % BLOCK != 0;
+            let head = !off.is_multiple_of(BLOCK);
+            let tail = !(off + len as u64).is_multiple_of(BLOCK);
             if head {
                 let (t, r) = self.read_blocks(&c, b0, 1, tmp, 0).await;
                 tmp = t;
                 r?;
             }
             if tail && (n > 1 || !head) {
-                let (t, r) = self.read_blocks(&c, b1 - 1, 1, tmp, ((n - 1) * BLOCK) as usize).await;
+                let (t, r) = self
+                    .read_blocks(&c, b1 - 1, 1, tmp, ((n - 1) * BLOCK) as usize)
+                    .await;
                 tmp = t;
                 r?;
             }
             let s = (off - b0 * BLOCK) as usize;
             tmp[s..s + len].copy_from_slice(&data.bytes()[start..start + len]);
             let total = tmp.len();
-            self.write_blocks(&c, b0, Buf::Aligned(tmp), 0, total).await?;
+            self.write_blocks(&c, b0, Buf::Aligned(tmp), 0, total)
+                .await?;
         }
         if fua {
             self.persist(&c).await?;
-            self.engine.fdatasync(&self.disks[c.disk].meta).await.map_err(|e| self.io_error(e))?;
+            self.engine
+                .fdatasync(&self.disks[c.disk].meta)
+                .await
+                .map_err(|e| self.io_error(e))?;
         }
         Ok(())
     }
 
     /// Deallocates (`punch`) or zeroes-in-place the range; it reads as zeroes afterwards.
     /// Returns `Unsupported` if `fast` and the disk cannot do it without writing data.
-    pub async fn zero(&self, key: ChunkKey, off: u64, len: u64, punch: bool, fast: bool, fua: bool) -> Result<(), ExportError> {
+    pub async fn zero(
+        &self,
+        key: ChunkKey,
+        off: u64,
+        len: u64,
+        punch: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), ExportError> {
         debug_assert!(off + len <= SLOT_SIZE);
         self.metrics.discard_ops.fetch_add(1, Ordering::Relaxed);
         let c = if punch {
@@ -571,28 +800,47 @@ impl ChunkStore {
         };
         let b0 = off / BLOCK;
         let b1 = (off + len).div_ceil(BLOCK);
-        let _g = c.locks.lock(b0 as u32, b1 as u32, true).await.map_err(|_| ExportError::Shutdown)?;
+        let _g = c
+            .locks
+            .lock(b0 as u32, b1 as u32, true)
+            .await
+            .map_err(|_| ExportError::Shutdown)?;
         let fb0 = off.div_ceil(BLOCK);
         let fb1 = (off + len) / BLOCK;
         let disk = &self.disks[c.disk];
         // Partial blocks at either end: zero their part by read-modify-write.
         let mut partial = Vec::new();
-        if off % BLOCK != 0 {
+        if !off.is_multiple_of(BLOCK) {
             partial.push((b0, off, ((b0 + 1) * BLOCK).min(off + len)));
         }
-        if (off + len) % BLOCK != 0 && (b1 - 1 != b0 || off % BLOCK == 0) {
+        if !(off + len).is_multiple_of(BLOCK) && (b1 - 1 != b0 || off.is_multiple_of(BLOCK)) {
             partial.push((b1 - 1, ((b1 - 1) * BLOCK).max(off), off + len));
         }
         for (pb, lo, hi) in partial {
-            let (mut blk, r) = self.read_blocks(&c, pb, 1, AlignedBuf::zeroed(BLOCK as usize), 0).await;
+            let (mut blk, r) = self
+                .read_blocks(&c, pb, 1, AlignedBuf::zeroed(BLOCK as usize), 0)
+                .await;
             r?;
             let s = (lo - pb * BLOCK) as usize;
             blk[s..s + (hi - lo) as usize].fill(0);
-            self.write_blocks(&c, pb, Buf::Aligned(blk), 0, BLOCK as usize).await?;
+            self.write_blocks(&c, pb, Buf::Aligned(blk), 0, BLOCK as usize)
+                .await?;
         }
         if fb1 > fb0 {
-            let mode = if punch { crate::sys::PUNCH_HOLE } else { crate::sys::ZERO_RANGE };
-            let r = self.engine.fallocate(&disk.data, disk.geo.data_offset(c.slot) + fb0 * BLOCK, (fb1 - fb0) * BLOCK, mode).await;
+            let mode = if punch {
+                crate::sys::PUNCH_HOLE
+            } else {
+                crate::sys::ZERO_RANGE
+            };
+            let r = self
+                .engine
+                .fallocate(
+                    &disk.data,
+                    disk.geo.data_offset(c.slot) + fb0 * BLOCK,
+                    (fb1 - fb0) * BLOCK,
+                    mode,
+                )
+                .await;
             match r {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
@@ -604,7 +852,8 @@ impl ChunkStore {
                     while b < fb1 {
                         let n = (fb1 - b).min(256);
                         let z = AlignedBuf::zeroed((n * BLOCK) as usize);
-                        self.write_blocks(&c, b, Buf::Aligned(z), 0, (n * BLOCK) as usize).await?;
+                        self.write_blocks(&c, b, Buf::Aligned(z), 0, (n * BLOCK) as usize)
+                            .await?;
                         b += n;
                     }
                 }
@@ -621,7 +870,10 @@ impl ChunkStore {
         }
         if fua {
             self.persist(&c).await?;
-            self.engine.fdatasync(&disk.meta).await.map_err(|e| self.io_error(e))?;
+            self.engine
+                .fdatasync(&disk.meta)
+                .await
+                .map_err(|e| self.io_error(e))?;
         }
         Ok(())
     }
@@ -659,9 +911,22 @@ impl ChunkStore {
         let (bytes, off) = {
             let mut rec = c.rec.lock().unwrap();
             rec.gen += 1;
-            (rec.encode(), disk.geo.record_offset(c.slot) + SlotRecord::copy_offset(rec.gen))
+            (
+                rec.encode(),
+                disk.geo.record_offset(c.slot) + SlotRecord::copy_offset(rec.gen),
+            )
         };
-        let (_, r) = self.engine.write(&disk.meta, off, Buf::Vec(bytes), 0, COPY_SIZE as usize, false).await;
+        let (_, r) = self
+            .engine
+            .write(
+                &disk.meta,
+                off,
+                Buf::Vec(bytes),
+                0,
+                COPY_SIZE as usize,
+                false,
+            )
+            .await;
         if let Err(e) = r {
             self.mark_dirty(c);
             return Err(self.io_error(e));
@@ -680,7 +945,9 @@ impl ChunkStore {
                 first_err.get_or_insert(e);
             }
         }
-        let syncs = futures::future::join_all(self.disks.iter().map(|d| self.engine.fdatasync(&d.meta))).await;
+        let syncs =
+            futures::future::join_all(self.disks.iter().map(|d| self.engine.fdatasync(&d.meta)))
+                .await;
         for r in syncs {
             if let Err(e) = r {
                 first_err.get_or_insert(self.io_error(e));
@@ -708,18 +975,43 @@ impl ChunkStore {
             let (bytes, off) = {
                 let mut rec = c.rec.lock().unwrap();
                 rec.gen += 1;
-                (SlotRecord::encode_free(rec.gen), disk.geo.record_offset(c.slot) + SlotRecord::copy_offset(rec.gen))
+                (
+                    SlotRecord::encode_free(rec.gen),
+                    disk.geo.record_offset(c.slot) + SlotRecord::copy_offset(rec.gen),
+                )
             };
-            let (_, r) = self.engine.write(&disk.meta, off, Buf::Vec(bytes), 0, COPY_SIZE as usize, false).await;
+            let (_, r) = self
+                .engine
+                .write(
+                    &disk.meta,
+                    off,
+                    Buf::Vec(bytes),
+                    0,
+                    COPY_SIZE as usize,
+                    false,
+                )
+                .await;
             r.map_err(|e| self.io_error(e))?;
         }
         for d in &self.disks {
-            self.engine.fdatasync(&d.meta).await.map_err(|e| self.io_error(e))?;
+            self.engine
+                .fdatasync(&d.meta)
+                .await
+                .map_err(|e| self.io_error(e))?;
         }
         // Records are durable: the slots can be punched and reused.
         for c in &victims {
             let disk = &self.disks[c.disk];
-            if let Err(e) = self.engine.fallocate(&disk.data, disk.geo.data_offset(c.slot), SLOT_SIZE, crate::sys::PUNCH_HOLE).await {
+            if let Err(e) = self
+                .engine
+                .fallocate(
+                    &disk.data,
+                    disk.geo.data_offset(c.slot),
+                    SLOT_SIZE,
+                    crate::sys::PUNCH_HOLE,
+                )
+                .await
+            {
                 tracing::debug!(error = %e, "punching a freed slot failed; space is not returned");
             }
             disk.free.lock().unwrap().push(c.slot);
@@ -736,9 +1028,22 @@ impl ChunkStore {
                 sb.clean = true;
                 sb.encode()
             };
-            let (_, r) = self.engine.write(&d.meta, 0, Buf::Vec(bytes), 0, layout::SUPERBLOCK_SIZE as usize, false).await;
+            let (_, r) = self
+                .engine
+                .write(
+                    &d.meta,
+                    0,
+                    Buf::Vec(bytes),
+                    0,
+                    layout::SUPERBLOCK_SIZE as usize,
+                    false,
+                )
+                .await;
             r.map_err(|e| self.io_error(e))?;
-            self.engine.fdatasync(&d.meta).await.map_err(|e| self.io_error(e))?;
+            self.engine
+                .fdatasync(&d.meta)
+                .await
+                .map_err(|e| self.io_error(e))?;
         }
         Ok(())
     }
@@ -749,31 +1054,83 @@ impl ChunkStore {
         let m = &self.metrics;
         for (name, help, v) in [
             ("blockd_store_read_ops_total", "Chunk reads.", &m.read_ops),
-            ("blockd_store_write_ops_total", "Chunk writes.", &m.write_ops),
-            ("blockd_store_read_bytes_total", "Bytes read from chunks.", &m.read_bytes),
-            ("blockd_store_write_bytes_total", "Bytes written to chunks.", &m.write_bytes),
-            ("blockd_store_discard_ops_total", "Trim / write-zeroes operations.", &m.discard_ops),
+            (
+                "blockd_store_write_ops_total",
+                "Chunk writes.",
+                &m.write_ops,
+            ),
+            (
+                "blockd_store_read_bytes_total",
+                "Bytes read from chunks.",
+                &m.read_bytes,
+            ),
+            (
+                "blockd_store_write_bytes_total",
+                "Bytes written to chunks.",
+                &m.write_bytes,
+            ),
+            (
+                "blockd_store_discard_ops_total",
+                "Trim / write-zeroes operations.",
+                &m.discard_ops,
+            ),
             ("blockd_store_flush_ops_total", "Flushes.", &m.flush_ops),
-            ("blockd_store_checksum_errors_total", "Blocks that failed their crc32.", &m.checksum_errors),
-            ("blockd_store_io_errors_total", "Disk I/O errors.", &m.io_errors),
-            ("blockd_store_nospace_errors_total", "Writes refused for lack of space.", &m.nospace_errors),
-            ("blockd_store_restamped_blocks_total", "Checksums re-derived after an unclean stop.", &m.restamped_blocks),
-            ("blockd_store_bad_records_total", "Unreadable slot records (slots quarantined).", &m.bad_records),
+            (
+                "blockd_store_checksum_errors_total",
+                "Blocks that failed their crc32.",
+                &m.checksum_errors,
+            ),
+            (
+                "blockd_store_io_errors_total",
+                "Disk I/O errors.",
+                &m.io_errors,
+            ),
+            (
+                "blockd_store_nospace_errors_total",
+                "Writes refused for lack of space.",
+                &m.nospace_errors,
+            ),
+            (
+                "blockd_store_restamped_blocks_total",
+                "Checksums re-derived after an unclean stop.",
+                &m.restamped_blocks,
+            ),
+            (
+                "blockd_store_bad_records_total",
+                "Unreadable slot records (slots quarantined).",
+                &m.bad_records,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(out, "# HELP blockd_disk_capacity_bytes Chunk capacity of a disk.\n# TYPE blockd_disk_capacity_bytes gauge");
         let stats = self.stats();
         for s in &stats {
-            let _ = writeln!(out, "blockd_disk_capacity_bytes{{path=\"{}\"}} {}", s.path, s.capacity);
+            let _ = writeln!(
+                out,
+                "blockd_disk_capacity_bytes{{path=\"{}\"}} {}",
+                s.path, s.capacity
+            );
         }
         let _ = writeln!(out, "# HELP blockd_disk_used_bytes Bytes of written blocks on a disk.\n# TYPE blockd_disk_used_bytes gauge");
         for s in &stats {
-            let _ = writeln!(out, "blockd_disk_used_bytes{{path=\"{}\"}} {}", s.path, s.used);
+            let _ = writeln!(
+                out,
+                "blockd_disk_used_bytes{{path=\"{}\"}} {}",
+                s.path, s.used
+            );
         }
         let _ = writeln!(out, "# HELP blockd_disk_free_slots Free 4 MiB slots on a disk.\n# TYPE blockd_disk_free_slots gauge");
         for s in &stats {
-            let _ = writeln!(out, "blockd_disk_free_slots{{path=\"{}\"}} {}", s.path, s.free_slots);
+            let _ = writeln!(
+                out,
+                "blockd_disk_free_slots{{path=\"{}\"}} {}",
+                s.path, s.free_slots
+            );
         }
     }
 }

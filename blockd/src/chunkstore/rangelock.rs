@@ -101,7 +101,10 @@ mod tests {
         assert!(!w.is_finished(), "writer must wait for overlapping readers");
         drop(r1);
         drop(_r2);
-        tokio::time::timeout(Duration::from_secs(1), w).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), w)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

@@ -2,11 +2,17 @@ use super::*;
 use std::os::unix::fs::MetadataExt;
 
 fn cfg(dir: &Path, name: &str, size: u64) -> DiskConfig {
-    DiskConfig { path: dir.join(name), size: Some(size) }
+    DiskConfig {
+        path: dir.join(name),
+        size: Some(size),
+    }
 }
 
 fn key(v: u64, i: u64) -> ChunkKey {
-    ChunkKey { volume: v, index: i }
+    ChunkKey {
+        volume: v,
+        index: i,
+    }
 }
 
 fn pattern(len: usize, seed: u8) -> AlignedBuf {
@@ -23,7 +29,15 @@ async fn read(s: &ChunkStore, k: ChunkKey, off: u64, len: usize) -> Result<Vec<u
 }
 
 async fn write(s: &ChunkStore, k: ChunkKey, off: u64, data: &[u8]) -> Result<(), ExportError> {
-    s.write(k, off, Buf::Aligned(AlignedBuf::from_slice(data)), 0, data.len(), false).await
+    s.write(
+        k,
+        off,
+        Buf::Aligned(AlignedBuf::from_slice(data)),
+        0,
+        data.len(),
+        false,
+    )
+    .await
 }
 
 #[test]
@@ -35,7 +49,13 @@ fn parse_sizes_and_disks() {
     assert!(parse_size("ten").is_err());
     assert!(parse_size("5Q").is_err());
     assert!(parse_size("-1").is_err());
-    assert_eq!(DiskConfig::parse("/d/x.img:1G").unwrap(), DiskConfig { path: "/d/x.img".into(), size: Some(1 << 30) });
+    assert_eq!(
+        DiskConfig::parse("/d/x.img:1G").unwrap(),
+        DiskConfig {
+            path: "/d/x.img".into(),
+            size: Some(1 << 30)
+        }
+    );
     assert_eq!(DiskConfig::parse("/dev/sdb").unwrap().size, None);
     assert!(DiskConfig::parse("/x:big").is_err());
 }
@@ -60,7 +80,10 @@ async fn roundtrip_aligned_unaligned_and_holes() {
     let got = read(&s, k, 100 * 4096, 4096).await.unwrap();
     assert_eq!(got[7], b'x');
     assert_eq!(got.iter().filter(|&&b| b != 0).count(), 1);
-    assert_eq!(s.allocation(k, 0, 8 * 4096), vec![(4096, false), (3 * 4096, true), (4 * 4096, false)]);
+    assert_eq!(
+        s.allocation(k, 0, 8 * 4096),
+        vec![(4096, false), (3 * 4096, true), (4 * 4096, false)]
+    );
     assert_eq!(s.allocation(key(9, 9), 0, 100), vec![(100, false)]);
     let v = s.chunk_version(k).unwrap();
     assert!(v >= 3);
@@ -69,7 +92,10 @@ async fn roundtrip_aligned_unaligned_and_holes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_clean_and_unclean_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let disks = [cfg(dir.path(), "d0", 64 << 20), cfg(dir.path(), "d1", 64 << 20)];
+    let disks = [
+        cfg(dir.path(), "d0", 64 << 20),
+        cfg(dir.path(), "d1", 64 << 20),
+    ];
     let p = pattern(1 << 20, 9);
     {
         let s = ChunkStore::open(&disks).unwrap();
@@ -82,7 +108,10 @@ async fn survives_clean_and_unclean_restart() {
         let s = ChunkStore::open(&disks).unwrap();
         assert_eq!(s.metrics.restamped_blocks.load(Ordering::Relaxed), 0);
         for i in 0..4 {
-            assert_eq!(read(&s, key(2, i), 4096 * i, p.len()).await.unwrap(), p.to_vec());
+            assert_eq!(
+                read(&s, key(2, i), 4096 * i, p.len()).await.unwrap(),
+                p.to_vec()
+            );
         }
         // Flushed, then more writes that never get flushed, then a "crash" (no close).
         s.flush().await.unwrap();
@@ -92,11 +121,19 @@ async fn survives_clean_and_unclean_restart() {
         s.flush().await.unwrap();
         assert!(s.chunk_version(key(2, 0)).unwrap() > v);
         // Overwrite after the flush, not flushed: record on disk has the old crc.
-        write(&s, key(2, 1), 4096, &pattern(4096, 79)).await.unwrap();
+        write(&s, key(2, 1), 4096, &pattern(4096, 79))
+            .await
+            .unwrap();
     }
     let s = ChunkStore::open(&disks).unwrap();
-    assert!(s.metrics.restamped_blocks.load(Ordering::Relaxed) >= 1, "unflushed overwrite re-stamped");
-    assert_eq!(read(&s, key(2, 0), 0, 4096).await.unwrap(), pattern(4096, 78).to_vec());
+    assert!(
+        s.metrics.restamped_blocks.load(Ordering::Relaxed) >= 1,
+        "unflushed overwrite re-stamped"
+    );
+    assert_eq!(
+        read(&s, key(2, 0), 0, 4096).await.unwrap(),
+        pattern(4096, 78).to_vec()
+    );
     // Every block reads without checksum errors.
     for i in 0..4 {
         read(&s, key(2, i), 0, 4 << 20).await.unwrap();
@@ -114,23 +151,36 @@ async fn corruption_is_detected_not_returned() {
     drop(s);
     // Flip a byte of block 1 in the data area.
     let geo = Geometry::for_size(64 << 20).unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(&d.path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&d.path)
+        .unwrap();
     let off = geo.data_offset(0) + 4096 + 10;
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, off).unwrap();
     f.write_all_at(&[b[0] ^ 0xff], off).unwrap();
     let s = ChunkStore::open(&[d]).unwrap();
-    assert_eq!(read(&s, key(3, 0), 0, 4096).await.unwrap(), pattern(8192, 1)[..4096].to_vec());
+    assert_eq!(
+        read(&s, key(3, 0), 0, 4096).await.unwrap(),
+        pattern(8192, 1)[..4096].to_vec()
+    );
     match read(&s, key(3, 0), 4096, 4096).await {
         Err(ExportError::Corrupt { offset }) => assert_eq!(offset, 4096),
         other => panic!("expected corruption, got {other:?}"),
     }
     // An unaligned write into the corrupt block must not launder it either.
-    assert!(matches!(write(&s, key(3, 0), 4096 + 1, b"z").await, Err(ExportError::Corrupt { .. })));
+    assert!(matches!(
+        write(&s, key(3, 0), 4096 + 1, b"z").await,
+        Err(ExportError::Corrupt { .. })
+    ));
     assert_eq!(s.metrics.checksum_errors.load(Ordering::Relaxed), 2);
     // A full overwrite heals it.
     write(&s, key(3, 0), 4096, &pattern(4096, 2)).await.unwrap();
-    assert_eq!(read(&s, key(3, 0), 4096, 4096).await.unwrap(), pattern(4096, 2).to_vec());
+    assert_eq!(
+        read(&s, key(3, 0), 4096, 4096).await.unwrap(),
+        pattern(4096, 2).to_vec()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +193,9 @@ async fn trim_punches_and_zero_in_place() {
     s.flush().await.unwrap();
     let blocks_before = std::fs::metadata(&d.path).unwrap().blocks();
     // Trim 1 MiB plus partial blocks at both ends.
-    s.zero(k, 4096 + 100, (1 << 20) + 4096, true, false, false).await.unwrap();
+    s.zero(k, 4096 + 100, (1 << 20) + 4096, true, false, false)
+        .await
+        .unwrap();
     let got = read(&s, k, 0, 4 << 20).await.unwrap();
     let p = pattern(4 << 20, 3);
     let (a, b) = (4096 + 100, 4096 + 100 + (1 << 20) + 4096);
@@ -154,13 +206,22 @@ async fn trim_punches_and_zero_in_place() {
     assert!(alloc.contains(&((1 << 20), false)), "{alloc:?}");
     s.flush().await.unwrap();
     let blocks_after = std::fs::metadata(&d.path).unwrap().blocks();
-    assert!(blocks_after + 2000 <= blocks_before, "space given back: {blocks_before} -> {blocks_after}");
+    assert!(
+        blocks_after + 2000 <= blocks_before,
+        "space given back: {blocks_before} -> {blocks_after}"
+    );
     // Zero in place (NO_HOLE): reads zero, stays allocated.
     s.zero(k, 3 << 20, 8192, false, true, true).await.unwrap();
-    assert!(read(&s, k, 3 << 20, 8192).await.unwrap().iter().all(|&x| x == 0));
+    assert!(read(&s, k, 3 << 20, 8192)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&x| x == 0));
     assert_eq!(s.allocation(k, 3 << 20, 8192), vec![(8192, true)]);
     // Trim of a chunk never written: nothing to do, no allocation.
-    s.zero(key(4, 7), 0, 4 << 20, true, false, false).await.unwrap();
+    s.zero(key(4, 7), 0, 4 << 20, true, false, false)
+        .await
+        .unwrap();
     assert_eq!(s.chunk_version(key(4, 7)), None);
 }
 
@@ -173,7 +234,10 @@ async fn full_disk_is_enospc_and_corrupts_nothing() {
     for i in 0..slots {
         write(&s, key(5, i), 0, &p).await.unwrap();
     }
-    assert!(matches!(write(&s, key(5, slots), 0, &p).await, Err(ExportError::NoSpace)));
+    assert!(matches!(
+        write(&s, key(5, slots), 0, &p).await,
+        Err(ExportError::NoSpace)
+    ));
     // Existing chunks still fine, further writes into allocated chunks still work.
     for i in 0..slots {
         assert_eq!(read(&s, key(5, i), 0, 4096).await.unwrap(), p.to_vec());
@@ -203,7 +267,10 @@ async fn deleted_volume_stays_deleted_after_restart() {
     }
     let s = ChunkStore::open(&d).unwrap();
     assert_eq!(s.volumes().into_iter().collect::<Vec<_>>(), vec![8]);
-    assert_eq!(read(&s, key(8, 0), 0, 4096).await.unwrap(), pattern(4096, 2).to_vec());
+    assert_eq!(
+        read(&s, key(8, 0), 0, 4096).await.unwrap(),
+        pattern(4096, 2).to_vec()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,9 +299,19 @@ fn refuses_foreign_data() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("not-ours");
     std::fs::write(&p, vec![0xab; 16 << 20]).unwrap();
-    let err = ChunkStore::open(&[DiskConfig { path: p.clone(), size: None }]).err().unwrap();
+    let err = ChunkStore::open(&[DiskConfig {
+        path: p.clone(),
+        size: None,
+    }])
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("refusing to overwrite"), "{err}");
     assert_eq!(std::fs::read(&p).unwrap()[0], 0xab);
-    let missing = ChunkStore::open(&[DiskConfig { path: dir.path().join("nope"), size: None }]).err().unwrap();
+    let missing = ChunkStore::open(&[DiskConfig {
+        path: dir.path().join("nope"),
+        size: None,
+    }])
+    .err()
+    .unwrap();
     assert!(missing.to_string().contains("give a size"), "{missing}");
 }

@@ -19,8 +19,27 @@ pub struct NbdMetrics {
     pub truncated_writes: AtomicU64,
 }
 
-const COMMANDS: [&str; 9] = ["read", "write", "disc", "flush", "trim", "cache", "write_zeroes", "block_status", "unknown"];
-const ERRNOS: [(u32, &str); 8] = [(1, "EPERM"), (5, "EIO"), (12, "ENOMEM"), (22, "EINVAL"), (28, "ENOSPC"), (75, "EOVERFLOW"), (95, "ENOTSUP"), (108, "ESHUTDOWN")];
+const COMMANDS: [&str; 9] = [
+    "read",
+    "write",
+    "disc",
+    "flush",
+    "trim",
+    "cache",
+    "write_zeroes",
+    "block_status",
+    "unknown",
+];
+const ERRNOS: [(u32, &str); 8] = [
+    (1, "EPERM"),
+    (5, "EIO"),
+    (12, "ENOMEM"),
+    (22, "EINVAL"),
+    (28, "ENOSPC"),
+    (75, "EOVERFLOW"),
+    (95, "ENOTSUP"),
+    (108, "ESHUTDOWN"),
+];
 
 impl NbdMetrics {
     pub fn count_request(&self, kind: u16) {
@@ -38,19 +57,47 @@ impl NbdMetrics {
         let _ = writeln!(out, "# HELP blockd_nbd_connections_active NBD connections open.\n# TYPE blockd_nbd_connections_active gauge\nblockd_nbd_connections_active {}", self.connections_active.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP blockd_nbd_requests_total NBD requests by command.\n# TYPE blockd_nbd_requests_total counter");
         for (i, c) in COMMANDS.iter().enumerate() {
-            let _ = writeln!(out, "blockd_nbd_requests_total{{command=\"{c}\"}} {}", self.requests[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "blockd_nbd_requests_total{{command=\"{c}\"}} {}",
+                self.requests[i].load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(out, "# HELP blockd_nbd_errors_total NBD error replies by errno.\n# TYPE blockd_nbd_errors_total counter");
         for (i, (_, n)) in ERRNOS.iter().enumerate() {
-            let _ = writeln!(out, "blockd_nbd_errors_total{{errno=\"{n}\"}} {}", self.errors[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "blockd_nbd_errors_total{{errno=\"{n}\"}} {}",
+                self.errors[i].load(Ordering::Relaxed)
+            );
         }
         for (name, help, v) in [
-            ("blockd_nbd_read_bytes_total", "Bytes sent in READ replies.", &self.read_bytes),
-            ("blockd_nbd_write_bytes_total", "Bytes received in WRITE requests.", &self.write_bytes),
-            ("blockd_nbd_protocol_errors_total", "Connections closed for protocol violations.", &self.protocol_errors),
-            ("blockd_nbd_truncated_writes_total", "WRITEs cut off by a disconnect (not applied).", &self.truncated_writes),
+            (
+                "blockd_nbd_read_bytes_total",
+                "Bytes sent in READ replies.",
+                &self.read_bytes,
+            ),
+            (
+                "blockd_nbd_write_bytes_total",
+                "Bytes received in WRITE requests.",
+                &self.write_bytes,
+            ),
+            (
+                "blockd_nbd_protocol_errors_total",
+                "Connections closed for protocol violations.",
+                &self.protocol_errors,
+            ),
+            (
+                "blockd_nbd_truncated_writes_total",
+                "WRITEs cut off by a disconnect (not applied).",
+                &self.truncated_writes,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
     }
 }

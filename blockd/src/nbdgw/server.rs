@@ -64,7 +64,11 @@ async fn discard<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> io::Result<()> 
 }
 
 /// Runs the handshake; `Ok(None)` when the client ended it (ABORT, unknown EXPORT_NAME).
-async fn handshake<C, R, W>(catalog: &C, r: &mut R, w: &mut W) -> io::Result<Option<Session<C::Export>>>
+async fn handshake<C, R, W>(
+    catalog: &C,
+    r: &mut R,
+    w: &mut W,
+) -> io::Result<Option<Session<C::Export>>>
 where
     C: ExportCatalog,
     R: AsyncRead + Unpin,
@@ -86,10 +90,18 @@ where
         out.clear();
         if len > wire::MAX_OPTION_LEN {
             if opt == wire::OPT_EXPORT_NAME || len > 16 << 20 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "option payload too large"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "option payload too large",
+                ));
             }
             discard(r, len as u64).await?;
-            wire::emit_option_error(&mut out, opt, wire::REP_ERR_TOO_BIG, "option payload too large");
+            wire::emit_option_error(
+                &mut out,
+                opt,
+                wire::REP_ERR_TOO_BIG,
+                "option payload too large",
+            );
             w.write_all(&out).await?;
             w.flush().await?;
             continue;
@@ -105,10 +117,19 @@ where
                     tracing::debug!(export = name, "unknown export (EXPORT_NAME); closing");
                     return Ok(None);
                 };
-                wire::emit_export_name_reply(&mut out, export.size(), transmission_flags(structured), no_zeroes);
+                wire::emit_export_name_reply(
+                    &mut out,
+                    export.size(),
+                    transmission_flags(structured),
+                    no_zeroes,
+                );
                 w.write_all(&out).await?;
                 w.flush().await?;
-                return Ok(Some(Session { export, structured, meta }));
+                return Ok(Some(Session {
+                    export,
+                    structured,
+                    meta,
+                }));
             }
             wire::OPT_ABORT => {
                 wire::emit_option_reply(&mut out, opt, wire::REP_ACK, &[]);
@@ -118,7 +139,12 @@ where
             }
             wire::OPT_LIST => {
                 if len != 0 {
-                    wire::emit_option_error(&mut out, opt, wire::REP_ERR_INVALID, "LIST takes no data");
+                    wire::emit_option_error(
+                        &mut out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        "LIST takes no data",
+                    );
                 } else {
                     for e in catalog.list().await {
                         wire::emit_server_entry(&mut out, &e.name);
@@ -127,29 +153,55 @@ where
                 }
             }
             wire::OPT_INFO | wire::OPT_GO => match wire::parse_info_request(&data) {
-                Err(e) => wire::emit_option_error(&mut out, opt, wire::REP_ERR_INVALID, &e.to_string()),
+                Err(e) => {
+                    wire::emit_option_error(&mut out, opt, wire::REP_ERR_INVALID, &e.to_string())
+                }
                 Ok(req) => match catalog.open(&req.name).await {
-                    None => wire::emit_option_error(&mut out, opt, wire::REP_ERR_UNKNOWN, "no such export"),
+                    None => wire::emit_option_error(
+                        &mut out,
+                        opt,
+                        wire::REP_ERR_UNKNOWN,
+                        "no such export",
+                    ),
                     Some(export) => {
                         if req.requests.contains(&wire::INFO_NAME) {
                             wire::emit_info_name(&mut out, opt, &req.name);
                         }
                         wire::emit_info_block_size(&mut out, opt, 1, 4096, wire::MAX_PAYLOAD);
-                        wire::emit_info_export(&mut out, opt, export.size(), transmission_flags(structured));
+                        wire::emit_info_export(
+                            &mut out,
+                            opt,
+                            export.size(),
+                            transmission_flags(structured),
+                        );
                         wire::emit_option_reply(&mut out, opt, wire::REP_ACK, &[]);
                         if opt == wire::OPT_GO {
                             w.write_all(&out).await?;
                             w.flush().await?;
-                            return Ok(Some(Session { export, structured, meta }));
+                            return Ok(Some(Session {
+                                export,
+                                structured,
+                                meta,
+                            }));
                         }
                     }
                 },
             },
             wire::OPT_STRUCTURED_REPLY => {
                 if len != 0 {
-                    wire::emit_option_error(&mut out, opt, wire::REP_ERR_INVALID, "STRUCTURED_REPLY takes no data");
+                    wire::emit_option_error(
+                        &mut out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        "STRUCTURED_REPLY takes no data",
+                    );
                 } else if structured {
-                    wire::emit_option_error(&mut out, opt, wire::REP_ERR_INVALID, "structured replies already negotiated");
+                    wire::emit_option_error(
+                        &mut out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        "structured replies already negotiated",
+                    );
                 } else {
                     structured = true;
                     wire::emit_option_reply(&mut out, opt, wire::REP_ACK, &[]);
@@ -158,21 +210,43 @@ where
             wire::OPT_LIST_META_CONTEXT | wire::OPT_SET_META_CONTEXT => {
                 let listing = opt == wire::OPT_LIST_META_CONTEXT;
                 if !structured {
-                    wire::emit_option_error(&mut out, opt, wire::REP_ERR_INVALID, "negotiate structured replies first");
+                    wire::emit_option_error(
+                        &mut out,
+                        opt,
+                        wire::REP_ERR_INVALID,
+                        "negotiate structured replies first",
+                    );
                 } else {
                     match wire::parse_meta_request(&data) {
-                        Err(e) => wire::emit_option_error(&mut out, opt, wire::REP_ERR_INVALID, &e.to_string()),
+                        Err(e) => wire::emit_option_error(
+                            &mut out,
+                            opt,
+                            wire::REP_ERR_INVALID,
+                            &e.to_string(),
+                        ),
                         Ok(req) => {
                             if catalog.open(&req.name).await.is_none() {
-                                wire::emit_option_error(&mut out, opt, wire::REP_ERR_UNKNOWN, "no such export");
+                                wire::emit_option_error(
+                                    &mut out,
+                                    opt,
+                                    wire::REP_ERR_UNKNOWN,
+                                    "no such export",
+                                );
                             } else {
                                 let selected = if req.queries.is_empty() {
                                     listing
                                 } else {
-                                    req.queries.iter().any(|q| wire::query_matches_base_allocation(q, listing))
+                                    req.queries
+                                        .iter()
+                                        .any(|q| wire::query_matches_base_allocation(q, listing))
                                 };
                                 if selected {
-                                    wire::emit_meta_context(&mut out, opt, wire::BASE_ALLOCATION_ID, wire::BASE_ALLOCATION);
+                                    wire::emit_meta_context(
+                                        &mut out,
+                                        opt,
+                                        wire::BASE_ALLOCATION_ID,
+                                        wire::BASE_ALLOCATION,
+                                    );
                                 }
                                 if !listing {
                                     meta = selected;
@@ -183,7 +257,9 @@ where
                     }
                 }
             }
-            wire::OPT_STARTTLS => wire::emit_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "TLS is not supported"),
+            wire::OPT_STARTTLS => {
+                wire::emit_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "TLS is not supported")
+            }
             _ => wire::emit_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "unsupported option"),
         }
         w.write_all(&out).await?;
@@ -208,7 +284,13 @@ fn encode_ok(head: &mut Vec<u8>, structured: bool, cookie: u64) {
 }
 
 /// Runs one request against the export and encodes its reply.
-async fn execute<E: Export>(export: &E, req: Request, payload: Option<AlignedBuf>, structured: bool, metrics: &NbdMetrics) -> Reply {
+async fn execute<E: Export>(
+    export: &E,
+    req: Request,
+    payload: Option<AlignedBuf>,
+    structured: bool,
+    metrics: &NbdMetrics,
+) -> Reply {
     let mut head = Vec::with_capacity(32);
     let fua = req.flags & wire::CMD_FLAG_FUA != 0;
     let result: Result<Option<AlignedBuf>, ExportError> = match req.kind {
@@ -221,8 +303,15 @@ async fn execute<E: Export>(export: &E, req: Request, payload: Option<AlignedBuf
         wire::CMD_TRIM => export.trim(req.offset, req.length, fua).await.map(|_| None),
         wire::CMD_CACHE => export.cache(req.offset, req.length).await.map(|_| None),
         wire::CMD_WRITE_ZEROES => {
-            let flags = ZeroFlags { may_trim: req.flags & wire::CMD_FLAG_NO_HOLE == 0, fast: req.flags & wire::CMD_FLAG_FAST_ZERO != 0, fua };
-            export.write_zeroes(req.offset, req.length, flags).await.map(|_| None)
+            let flags = ZeroFlags {
+                may_trim: req.flags & wire::CMD_FLAG_NO_HOLE == 0,
+                fast: req.flags & wire::CMD_FLAG_FAST_ZERO != 0,
+                fua,
+            };
+            export
+                .write_zeroes(req.offset, req.length, flags)
+                .await
+                .map(|_| None)
         }
         wire::CMD_BLOCK_STATUS => match export.block_status(req.offset, req.length).await {
             Ok(extents) => {
@@ -236,7 +325,8 @@ async fn execute<E: Export>(export: &E, req: Request, payload: Option<AlignedBuf
                     if l == 0 {
                         continue;
                     }
-                    let flags = (if e.hole { wire::STATE_HOLE } else { 0 }) | (if e.zero { wire::STATE_ZERO } else { 0 });
+                    let flags = (if e.hole { wire::STATE_HOLE } else { 0 })
+                        | (if e.zero { wire::STATE_ZERO } else { 0 });
                     desc.push((l as u32, flags));
                     left -= l;
                     if req.flags & wire::CMD_FLAG_REQ_ONE != 0 {
@@ -256,13 +346,18 @@ async fn execute<E: Export>(export: &E, req: Request, payload: Option<AlignedBuf
     };
     match result {
         Ok(Some(data)) => {
-            metrics.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            metrics
+                .read_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             if structured {
                 wire::emit_offset_data_header(&mut head, req.cookie, req.offset, data.len() as u32);
             } else {
                 wire::emit_simple_reply(&mut head, 0, req.cookie);
             }
-            Reply { head, data: Some(data) }
+            Reply {
+                head,
+                data: Some(data),
+            }
         }
         Ok(None) => {
             encode_ok(&mut head, structured, req.cookie);
@@ -278,7 +373,10 @@ async fn execute<E: Export>(export: &E, req: Request, payload: Option<AlignedBuf
     }
 }
 
-async fn writer_task<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Reply>) -> io::Result<()> {
+async fn writer_task<W: AsyncWrite + Unpin>(
+    w: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(64 << 10, w);
     while let Some(reply) = rx.recv().await {
         w.write_all(&reply.head).await?;
@@ -295,7 +393,12 @@ async fn writer_task<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceive
 }
 
 /// Serves one client connection until it disconnects, sends DISC, or breaks the protocol.
-pub async fn serve_connection<C, R, W>(catalog: Arc<C>, r: R, w: W, metrics: Arc<NbdMetrics>) -> io::Result<()>
+pub async fn serve_connection<C, R, W>(
+    catalog: Arc<C>,
+    r: R,
+    w: W,
+    metrics: Arc<NbdMetrics>,
+) -> io::Result<()>
 where
     C: ExportCatalog,
     R: AsyncRead + Unpin + Send + 'static,
@@ -306,7 +409,11 @@ where
     let Some(session) = handshake(&*catalog, &mut r, &mut w).await? else {
         return Ok(());
     };
-    let Session { export, structured, meta } = session;
+    let Session {
+        export,
+        structured,
+        meta,
+    } = session;
     let size = export.size();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(writer_task(w, rx));
@@ -331,17 +438,27 @@ where
         if req.kind == wire::CMD_DISC {
             break Ok(());
         }
-        if let Err(wire::Refusal::Errno(errno)) = wire::check_request(&req, size, structured, meta) {
+        if let Err(wire::Refusal::Errno(errno)) = wire::check_request(&req, size, structured, meta)
+        {
             metrics.count_error(errno);
             // A refused WRITE still carries its payload: skip it to stay in sync, unless it is
             // too large to be a real request, in which case the stream cannot be trusted.
             if req.kind == wire::CMD_WRITE {
                 if req.length > wire::MAX_PAYLOAD {
                     let mut head = Vec::new();
-                    encode_error(&mut head, structured, req.cookie, errno, "request too large");
+                    encode_error(
+                        &mut head,
+                        structured,
+                        req.cookie,
+                        errno,
+                        "request too large",
+                    );
                     let _ = tx.send(Reply { head, data: None });
                     metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    break Err(io::Error::new(io::ErrorKind::InvalidData, "oversized write"));
+                    break Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "oversized write",
+                    ));
                 }
                 if let Err(e) = discard(&mut r, req.length as u64).await {
                     break Err(e);
@@ -356,18 +473,36 @@ where
             let _ = tx.send(Reply { head, data: None });
             continue;
         }
-        let payload_len = if matches!(req.kind, wire::CMD_READ | wire::CMD_WRITE) { req.length } else { 0 };
-        let slot = slots.clone().acquire_owned().await.expect("semaphore never closed");
+        let payload_len = if matches!(req.kind, wire::CMD_READ | wire::CMD_WRITE) {
+            req.length
+        } else {
+            0
+        };
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let kib = payload_len.div_ceil(1024).clamp(1, BYTE_BUDGET_KIB);
-        let budget = bytes.clone().acquire_many_owned(kib).await.expect("semaphore never closed");
+        let budget = bytes
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("semaphore never closed");
         let payload = if req.kind == wire::CMD_WRITE {
             let mut buf = AlignedBuf::zeroed(req.length as usize);
             if let Err(e) = r.read_exact(&mut buf).await {
                 // Client went away mid-payload: nothing of this write is applied.
                 metrics.truncated_writes.fetch_add(1, Ordering::Relaxed);
-                break if e.kind() == io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
+                break if e.kind() == io::ErrorKind::UnexpectedEof {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
             }
-            metrics.write_bytes.fetch_add(req.length as u64, Ordering::Relaxed);
+            metrics
+                .write_bytes
+                .fetch_add(req.length as u64, Ordering::Relaxed);
             Some(buf)
         } else {
             None
@@ -390,7 +525,12 @@ where
 }
 
 /// Accepts TCP connections until `stop` turns true.
-pub async fn serve_tcp<C: ExportCatalog>(listener: tokio::net::TcpListener, catalog: Arc<C>, metrics: Arc<NbdMetrics>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve_tcp<C: ExportCatalog>(
+    listener: tokio::net::TcpListener,
+    catalog: Arc<C>,
+    metrics: Arc<NbdMetrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
@@ -410,7 +550,12 @@ pub async fn serve_tcp<C: ExportCatalog>(listener: tokio::net::TcpListener, cata
 }
 
 /// Accepts unix-socket connections until `stop` turns true.
-pub async fn serve_unix<C: ExportCatalog>(listener: tokio::net::UnixListener, catalog: Arc<C>, metrics: Arc<NbdMetrics>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve_unix<C: ExportCatalog>(
+    listener: tokio::net::UnixListener,
+    catalog: Arc<C>,
+    metrics: Arc<NbdMetrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,

@@ -119,13 +119,28 @@ pub enum WireError {
 }
 
 fn u16_at(b: &[u8], o: usize) -> Result<u16, WireError> {
-    b.get(o..o + 2).map(|s| u16::from_be_bytes([s[0], s[1]])).ok_or(WireError::Truncated { need: o + 2, have: b.len() })
+    b.get(o..o + 2)
+        .map(|s| u16::from_be_bytes([s[0], s[1]]))
+        .ok_or(WireError::Truncated {
+            need: o + 2,
+            have: b.len(),
+        })
 }
 fn u32_at(b: &[u8], o: usize) -> Result<u32, WireError> {
-    b.get(o..o + 4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]])).ok_or(WireError::Truncated { need: o + 4, have: b.len() })
+    b.get(o..o + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(WireError::Truncated {
+            need: o + 4,
+            have: b.len(),
+        })
 }
 fn u64_at(b: &[u8], o: usize) -> Result<u64, WireError> {
-    b.get(o..o + 8).map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8]))).ok_or(WireError::Truncated { need: o + 8, have: b.len() })
+    b.get(o..o + 8)
+        .map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
+        .ok_or(WireError::Truncated {
+            need: o + 8,
+            have: b.len(),
+        })
 }
 
 /// The server's greeting.
@@ -166,20 +181,34 @@ pub struct InfoRequest {
 fn parse_name(b: &[u8], o: usize) -> Result<(String, usize), WireError> {
     let n = u32_at(b, o)? as usize;
     let start = o + 4;
-    let s = b.get(start..start.checked_add(n).ok_or(WireError::Invalid("name length overflows"))?).ok_or(WireError::Invalid("name length exceeds option length"))?;
+    let s = b
+        .get(
+            start
+                ..start
+                    .checked_add(n)
+                    .ok_or(WireError::Invalid("name length overflows"))?,
+        )
+        .ok_or(WireError::Invalid("name length exceeds option length"))?;
     let name = std::str::from_utf8(s).map_err(|_| WireError::Invalid("name is not UTF-8"))?;
     Ok((name.to_string(), start + n))
 }
 
 pub fn parse_info_request(b: &[u8]) -> Result<InfoRequest, WireError> {
     let (name, o) = parse_name(b, 0)?;
-    let n = u16_at(b, o).map_err(|_| WireError::Invalid("missing number of information requests"))? as usize;
+    let n = u16_at(b, o)
+        .map_err(|_| WireError::Invalid("missing number of information requests"))?
+        as usize;
     let mut requests = Vec::with_capacity(n.min(64));
     for i in 0..n {
-        requests.push(u16_at(b, o + 2 + 2 * i).map_err(|_| WireError::Invalid("information requests exceed option length"))?);
+        requests.push(
+            u16_at(b, o + 2 + 2 * i)
+                .map_err(|_| WireError::Invalid("information requests exceed option length"))?,
+        );
     }
     if o + 2 + 2 * n != b.len() {
-        return Err(WireError::Invalid("trailing bytes after information requests"));
+        return Err(WireError::Invalid(
+            "trailing bytes after information requests",
+        ));
     }
     Ok(InfoRequest { name, requests })
 }
@@ -197,7 +226,8 @@ pub fn parse_meta_request(b: &[u8]) -> Result<MetaRequest, WireError> {
     o += 4;
     let mut queries = Vec::new();
     for _ in 0..n {
-        let (q, next) = parse_name(b, o).map_err(|_| WireError::Invalid("query exceeds option length"))?;
+        let (q, next) =
+            parse_name(b, o).map_err(|_| WireError::Invalid("query exceeds option length"))?;
         queries.push(q);
         o = next;
     }
@@ -286,13 +316,22 @@ pub struct Request {
 /// Parses a 28-byte request header. A bad magic means the stream is out of sync.
 pub fn parse_request(b: &[u8]) -> Result<Request, WireError> {
     if b.len() < REQUEST_LEN {
-        return Err(WireError::Truncated { need: REQUEST_LEN, have: b.len() });
+        return Err(WireError::Truncated {
+            need: REQUEST_LEN,
+            have: b.len(),
+        });
     }
     let magic = u32_at(b, 0)?;
     if magic != REQUEST_MAGIC {
         return Err(WireError::BadMagic(magic as u64));
     }
-    Ok(Request { flags: u16_at(b, 4)?, kind: u16_at(b, 6)?, cookie: u64_at(b, 8)?, offset: u64_at(b, 16)?, length: u32_at(b, 24)? })
+    Ok(Request {
+        flags: u16_at(b, 4)?,
+        kind: u16_at(b, 6)?,
+        cookie: u64_at(b, 8)?,
+        offset: u64_at(b, 16)?,
+        length: u32_at(b, 24)?,
+    })
 }
 
 /// The flags each command may carry.
@@ -317,7 +356,12 @@ pub enum Refusal {
 
 /// Semantic checks of a request against an export of `size` bytes. `Ok` means: run it.
 /// For WRITE the payload still has to be consumed by the caller even when refused.
-pub fn check_request(r: &Request, size: u64, structured: bool, meta_ok: bool) -> Result<(), Refusal> {
+pub fn check_request(
+    r: &Request,
+    size: u64,
+    structured: bool,
+    meta_ok: bool,
+) -> Result<(), Refusal> {
     let Some(allowed) = allowed_flags(r.kind) else {
         return Err(Refusal::Errno(EINVAL));
     };
@@ -367,7 +411,13 @@ fn chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: u32)
 
 /// Header of an OFFSET_DATA chunk (flagged DONE) carrying `len` data bytes that follow.
 pub fn emit_offset_data_header(out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32) {
-    chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, len + 8);
+    chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        len + 8,
+    );
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
@@ -379,7 +429,13 @@ pub fn emit_structured_done(out: &mut Vec<u8>, cookie: u64) {
 /// A final ERROR chunk with a message.
 pub fn emit_structured_error(out: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
-    chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32);
+    chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + msg.len() as u32,
+    );
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
@@ -387,7 +443,13 @@ pub fn emit_structured_error(out: &mut Vec<u8>, cookie: u64, error: u32, msg: &s
 
 /// A final BLOCK_STATUS chunk: `(length, flags)` descriptors for one context.
 pub fn emit_block_status(out: &mut Vec<u8>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
-    chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * extents.len() as u32);
+    chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        4 + 8 * extents.len() as u32,
+    );
     out.extend_from_slice(&context.to_be_bytes());
     for (l, f) in extents {
         out.extend_from_slice(&l.to_be_bytes());

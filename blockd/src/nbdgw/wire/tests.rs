@@ -26,9 +26,18 @@ fn greeting_and_client_flags() {
     assert_eq!(out.len(), 18);
     assert_eq!(parse_client_flags(&[0, 0, 0, 3]), Ok(true));
     assert_eq!(parse_client_flags(&[0, 0, 0, 1]), Ok(false));
-    assert_eq!(parse_client_flags(&[0, 0, 0, 2]), Err(WireError::NotFixedNewstyle));
-    assert_eq!(parse_client_flags(&[0, 0, 0, 8 | 1]), Err(WireError::UnknownClientFlags(9)));
-    assert!(matches!(parse_client_flags(&[0, 0]), Err(WireError::Truncated { .. })));
+    assert_eq!(
+        parse_client_flags(&[0, 0, 0, 2]),
+        Err(WireError::NotFixedNewstyle)
+    );
+    assert_eq!(
+        parse_client_flags(&[0, 0, 0, 8 | 1]),
+        Err(WireError::UnknownClientFlags(9))
+    );
+    assert!(matches!(
+        parse_client_flags(&[0, 0]),
+        Err(WireError::Truncated { .. })
+    ));
 }
 
 #[test]
@@ -37,9 +46,15 @@ fn option_header() {
     b.extend_from_slice(&OPT_GO.to_be_bytes());
     b.extend_from_slice(&7u32.to_be_bytes());
     assert_eq!(parse_option_header(&b), Ok((OPT_GO, 7)));
-    assert!(matches!(parse_option_header(&b[..10]), Err(WireError::Truncated { .. })));
+    assert!(matches!(
+        parse_option_header(&b[..10]),
+        Err(WireError::Truncated { .. })
+    ));
     b[0] = 0;
-    assert!(matches!(parse_option_header(&b), Err(WireError::BadMagic(_))));
+    assert!(matches!(
+        parse_option_header(&b),
+        Err(WireError::BadMagic(_))
+    ));
 }
 
 #[test]
@@ -48,7 +63,13 @@ fn info_request_parsing_and_errors() {
     p.extend_from_slice(&2u16.to_be_bytes());
     p.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
     p.extend_from_slice(&INFO_NAME.to_be_bytes());
-    assert_eq!(parse_info_request(&p), Ok(InfoRequest { name: "vol".into(), requests: vec![3, 1] }));
+    assert_eq!(
+        parse_info_request(&p),
+        Ok(InfoRequest {
+            name: "vol".into(),
+            requests: vec![3, 1]
+        })
+    );
     // Zero info requests is valid.
     let mut z = name_payload("");
     z.extend_from_slice(&0u16.to_be_bytes());
@@ -56,7 +77,10 @@ fn info_request_parsing_and_errors() {
     // Name length larger than the payload.
     let mut bad = 100u32.to_be_bytes().to_vec();
     bad.extend_from_slice(b"abc");
-    assert!(matches!(parse_info_request(&bad), Err(WireError::Invalid(_))));
+    assert!(matches!(
+        parse_info_request(&bad),
+        Err(WireError::Invalid(_))
+    ));
     // Huge name length must not overflow.
     let huge = u32::MAX.to_be_bytes().to_vec();
     assert!(parse_info_request(&huge).is_err());
@@ -82,7 +106,13 @@ fn meta_request_parsing_and_errors() {
     p.extend_from_slice(&name_payload("base:allocation"));
     p.extend_from_slice(&name_payload("qemu:dirty-bitmap:x"));
     let m = parse_meta_request(&p).unwrap();
-    assert_eq!(m.queries, vec!["base:allocation".to_string(), "qemu:dirty-bitmap:x".to_string()]);
+    assert_eq!(
+        m.queries,
+        vec![
+            "base:allocation".to_string(),
+            "qemu:dirty-bitmap:x".to_string()
+        ]
+    );
     assert!(query_matches_base_allocation("base:allocation", false));
     assert!(query_matches_base_allocation("base:", true));
     assert!(!query_matches_base_allocation("base:", false));
@@ -102,8 +132,20 @@ fn meta_request_parsing_and_errors() {
 #[test]
 fn request_header_parsing() {
     let b = req_bytes(REQUEST_MAGIC, CMD_FLAG_FUA, CMD_WRITE, 42, 4096, 512);
-    assert_eq!(parse_request(&b), Ok(Request { flags: 1, kind: 1, cookie: 42, offset: 4096, length: 512 }));
-    assert!(matches!(parse_request(&b[..27]), Err(WireError::Truncated { need: 28, have: 27 })));
+    assert_eq!(
+        parse_request(&b),
+        Ok(Request {
+            flags: 1,
+            kind: 1,
+            cookie: 42,
+            offset: 4096,
+            length: 512
+        })
+    );
+    assert!(matches!(
+        parse_request(&b[..27]),
+        Err(WireError::Truncated { need: 28, have: 27 })
+    ));
     let bad = req_bytes(0xdeadbeef, 0, 0, 0, 0, 0);
     assert_eq!(parse_request(&bad), Err(WireError::BadMagic(0xdeadbeef)));
 }
@@ -111,40 +153,111 @@ fn request_header_parsing() {
 #[test]
 fn request_checks_follow_the_spec() {
     let size = 1 << 20;
-    let r = |kind, flags, offset, length| Request { flags, kind, cookie: 1, offset, length };
-    assert_eq!(check_request(&r(CMD_READ, 0, 0, 4096), size, false, false), Ok(()));
+    let r = |kind, flags, offset, length| Request {
+        flags,
+        kind,
+        cookie: 1,
+        offset,
+        length,
+    };
+    assert_eq!(
+        check_request(&r(CMD_READ, 0, 0, 4096), size, false, false),
+        Ok(())
+    );
     // Unknown command and unknown flags.
-    assert_eq!(check_request(&r(99, 0, 0, 1), size, true, true), Err(Refusal::Errno(EINVAL)));
-    assert_eq!(check_request(&r(CMD_READ, CMD_FLAG_FUA, 0, 1), size, true, true), Err(Refusal::Errno(EINVAL)));
-    assert_eq!(check_request(&r(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), size, true, true), Err(Refusal::Errno(EINVAL)));
+    assert_eq!(
+        check_request(&r(99, 0, 0, 1), size, true, true),
+        Err(Refusal::Errno(EINVAL))
+    );
+    assert_eq!(
+        check_request(&r(CMD_READ, CMD_FLAG_FUA, 0, 1), size, true, true),
+        Err(Refusal::Errno(EINVAL))
+    );
+    assert_eq!(
+        check_request(&r(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), size, true, true),
+        Err(Refusal::Errno(EINVAL))
+    );
     // DF only with structured replies.
-    assert_eq!(check_request(&r(CMD_READ, CMD_FLAG_DF, 0, 1), size, false, false), Err(Refusal::Errno(EINVAL)));
-    assert_eq!(check_request(&r(CMD_READ, CMD_FLAG_DF, 0, 1), size, true, false), Ok(()));
+    assert_eq!(
+        check_request(&r(CMD_READ, CMD_FLAG_DF, 0, 1), size, false, false),
+        Err(Refusal::Errno(EINVAL))
+    );
+    assert_eq!(
+        check_request(&r(CMD_READ, CMD_FLAG_DF, 0, 1), size, true, false),
+        Ok(())
+    );
     // Past the end: reads/trims EINVAL, writes ENOSPC.
-    assert_eq!(check_request(&r(CMD_READ, 0, size - 1, 2), size, false, false), Err(Refusal::Errno(EINVAL)));
-    assert_eq!(check_request(&r(CMD_TRIM, 0, size, 1), size, false, false), Err(Refusal::Errno(EINVAL)));
-    assert_eq!(check_request(&r(CMD_WRITE, 0, size - 1, 2), size, false, false), Err(Refusal::Errno(ENOSPC)));
-    assert_eq!(check_request(&r(CMD_WRITE_ZEROES, 0, size, 4096), size, false, false), Err(Refusal::Errno(ENOSPC)));
-    assert_eq!(check_request(&r(CMD_READ, 0, u64::MAX, 2), size, false, false), Err(Refusal::Errno(EINVAL)));
+    assert_eq!(
+        check_request(&r(CMD_READ, 0, size - 1, 2), size, false, false),
+        Err(Refusal::Errno(EINVAL))
+    );
+    assert_eq!(
+        check_request(&r(CMD_TRIM, 0, size, 1), size, false, false),
+        Err(Refusal::Errno(EINVAL))
+    );
+    assert_eq!(
+        check_request(&r(CMD_WRITE, 0, size - 1, 2), size, false, false),
+        Err(Refusal::Errno(ENOSPC))
+    );
+    assert_eq!(
+        check_request(&r(CMD_WRITE_ZEROES, 0, size, 4096), size, false, false),
+        Err(Refusal::Errno(ENOSPC))
+    );
+    assert_eq!(
+        check_request(&r(CMD_READ, 0, u64::MAX, 2), size, false, false),
+        Err(Refusal::Errno(EINVAL))
+    );
     // Over the maximum payload.
-    assert_eq!(check_request(&r(CMD_READ, 0, 0, MAX_PAYLOAD + 1), u64::MAX, false, false), Err(Refusal::Errno(EINVAL)));
-    assert_eq!(check_request(&r(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), u64::MAX, false, false), Err(Refusal::Errno(EINVAL)));
+    assert_eq!(
+        check_request(&r(CMD_READ, 0, 0, MAX_PAYLOAD + 1), u64::MAX, false, false),
+        Err(Refusal::Errno(EINVAL))
+    );
+    assert_eq!(
+        check_request(&r(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), u64::MAX, false, false),
+        Err(Refusal::Errno(EINVAL))
+    );
     // Zero lengths.
-    assert_eq!(check_request(&r(CMD_WRITE, 0, 0, 0), size, false, false), Err(Refusal::Errno(EINVAL)));
-    assert_eq!(check_request(&r(CMD_FLUSH, 0, 0, 0), size, false, false), Ok(()));
-    assert_eq!(check_request(&r(CMD_FLUSH, 0, 8, 0), size, false, false), Err(Refusal::Errno(EINVAL)));
+    assert_eq!(
+        check_request(&r(CMD_WRITE, 0, 0, 0), size, false, false),
+        Err(Refusal::Errno(EINVAL))
+    );
+    assert_eq!(
+        check_request(&r(CMD_FLUSH, 0, 0, 0), size, false, false),
+        Ok(())
+    );
+    assert_eq!(
+        check_request(&r(CMD_FLUSH, 0, 8, 0), size, false, false),
+        Err(Refusal::Errno(EINVAL))
+    );
     // BLOCK_STATUS needs a negotiated context.
-    assert_eq!(check_request(&r(CMD_BLOCK_STATUS, 0, 0, 10), size, true, false), Err(Refusal::Errno(EINVAL)));
-    assert_eq!(check_request(&r(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 10), size, true, true), Ok(()));
+    assert_eq!(
+        check_request(&r(CMD_BLOCK_STATUS, 0, 0, 10), size, true, false),
+        Err(Refusal::Errno(EINVAL))
+    );
+    assert_eq!(
+        check_request(
+            &r(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 10),
+            size,
+            true,
+            true
+        ),
+        Ok(())
+    );
     // Large TRIM (no payload) is fine.
-    assert_eq!(check_request(&r(CMD_TRIM, 0, 0, 64 << 20), 1 << 30, false, false), Ok(()));
+    assert_eq!(
+        check_request(&r(CMD_TRIM, 0, 0, 64 << 20), 1 << 30, false, false),
+        Ok(())
+    );
 }
 
 #[test]
 fn replies_encode() {
     let mut o = Vec::new();
     emit_simple_reply(&mut o, EIO, 7);
-    assert_eq!(o, [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 7]);
+    assert_eq!(
+        o,
+        [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 7]
+    );
     o.clear();
     emit_offset_data_header(&mut o, 9, 4096, 512);
     assert_eq!(o.len(), 28);
@@ -184,7 +297,14 @@ fn parsers_survive_random_input() {
         let _ = parse_client_flags(&b);
         let _ = parse_info_request(&b);
         let _ = parse_meta_request(&b);
-        if let Ok(r) = parse_request(&req_bytes(REQUEST_MAGIC, next() as u16, (next() % 12) as u16, 0, next(), next() as u32)) {
+        if let Ok(r) = parse_request(&req_bytes(
+            REQUEST_MAGIC,
+            next() as u16,
+            (next() % 12) as u16,
+            0,
+            next(),
+            next() as u32,
+        )) {
             let _ = check_request(&r, next(), next() % 2 == 0, next() % 2 == 0);
         }
     }
