@@ -20,6 +20,7 @@ pub struct FileConfig {
     pub disk: Vec<String>,
     pub zone: Option<String>,
     pub heartbeat_interval: Option<String>,
+    pub worker_threads: Option<usize>,
 }
 
 /// The validated configuration blockd runs with.
@@ -37,6 +38,16 @@ pub struct Config {
     pub disks: Vec<DiskConfig>,
     pub zone: Option<String>,
     pub heartbeat_interval: Duration,
+    /// Async worker threads (besides the io_uring thread).
+    pub worker_threads: usize,
+}
+
+/// Default async workers: half the CPUs (at least one). One worker per connection's tasks
+/// avoids cross-CPU wake-ups, which dominate latency at queue depth 1 (see BENCHMARKS.md).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| (n.get() / 2).max(1))
+        .unwrap_or(1)
 }
 
 /// Parses `5s`, `500ms`, `2m`, `1h`, or plain seconds.
@@ -89,6 +100,7 @@ impl FileConfig {
             },
             zone: flags.zone.or(self.zone),
             heartbeat_interval: flags.heartbeat_interval.or(self.heartbeat_interval),
+            worker_threads: flags.worker_threads.or(self.worker_threads),
         }
     }
 
@@ -148,6 +160,12 @@ impl FileConfig {
             return Err("heartbeat-interval must be positive".into());
         }
         let _ = parse_size; // sizes are parsed by DiskConfig
+        let worker_threads = self.worker_threads.unwrap_or_else(default_worker_threads);
+        if worker_threads == 0 || worker_threads > 1024 {
+            return Err(format!(
+                "worker-threads must be 1..=1024, got {worker_threads}"
+            ));
+        }
         Ok(Config {
             manager,
             node,
@@ -158,6 +176,7 @@ impl FileConfig {
             disks,
             zone: self.zone,
             heartbeat_interval,
+            worker_threads,
         })
     }
 }

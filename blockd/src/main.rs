@@ -38,6 +38,9 @@ struct Args {
     /// Heartbeat period [default: 1s]
     #[arg(long)]
     heartbeat_interval: Option<String>,
+    /// Async worker threads [default: half the CPUs, at least 1]
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,12 +68,18 @@ fn main() -> std::process::ExitCode {
         disk: args.disk,
         zone: args.zone,
         heartbeat_interval: args.heartbeat_interval,
+        worker_threads: args.worker_threads,
     };
     let cfg = match file.overlay(flags).resolve() {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
+        .thread_name("blockd")
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("tokio runtime: {e}")),
     };

@@ -107,7 +107,8 @@ impl Export for Volume {
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, ExportError> {
         self.check(offset, len as u64)?;
-        let mut buf = AlignedBuf::zeroed(len as usize);
+        // Every byte is written below (data, or zeroes for what was never written).
+        let mut buf = AlignedBuf::for_overwrite(len as usize);
         for p in pieces(self.info.id, offset, len as u64) {
             let (b, r) = self
                 .store

@@ -38,7 +38,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .data_dir
         .canonicalize()
         .with_context(|| format!("resolving {}", args.data_dir.display()))?;
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(blockd::config::default_worker_threads())
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     rt.block_on(run_async(args, data_dir))
 }
 
@@ -75,6 +79,7 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         disk: vec![format!("{}:{}", disk.display(), args.disk_size)],
         zone: None,
         heartbeat_interval: None,
+        worker_threads: None,
     }
     .resolve()
     .map_err(anyhow::Error::msg)?;

@@ -631,7 +631,7 @@ impl ChunkStore {
         {
             return self.read_blocks(&c, b0, b1 - b0, buf, start).await;
         }
-        let tmp = AlignedBuf::zeroed(((b1 - b0) * BLOCK) as usize);
+        let tmp = AlignedBuf::for_overwrite(((b1 - b0) * BLOCK) as usize);
         let (tmp, r) = self.read_blocks(&c, b0, b1 - b0, tmp, 0).await;
         if r.is_ok() {
             let s = (off - b0 * BLOCK) as usize;
@@ -746,7 +746,7 @@ impl ChunkStore {
         } else {
             // Read-modify-write of the partial head and tail blocks.
             let n = b1 - b0;
-            let mut tmp = AlignedBuf::zeroed((n * BLOCK) as usize);
+            let mut tmp = AlignedBuf::for_overwrite((n * BLOCK) as usize);
             let head = !off.is_multiple_of(BLOCK);
             let tail = !(off + len as u64).is_multiple_of(BLOCK);
             if head {

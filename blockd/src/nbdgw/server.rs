@@ -490,7 +490,8 @@ where
             .await
             .expect("semaphore never closed");
         let payload = if req.kind == wire::CMD_WRITE {
-            let mut buf = AlignedBuf::zeroed(req.length as usize);
+            // read_exact fills it completely or the request is dropped.
+            let mut buf = AlignedBuf::for_overwrite(req.length as usize);
             if let Err(e) = r.read_exact(&mut buf).await {
                 // Client went away mid-payload: nothing of this write is applied.
                 metrics.truncated_writes.fetch_add(1, Ordering::Relaxed);
