@@ -113,17 +113,19 @@ pub async fn run(
     }
 
     // Listeners are bound: now tell the manager we are here.
-    tasks.spawn(agent::heartbeat_loop(
+    let mut agents = tokio::task::JoinSet::new();
+    agents.spawn(agent::heartbeat_loop(
         cfg.clone(),
         client.clone(),
         store.clone(),
     ));
-    tasks.spawn(agent::watch_loop(client.clone(), catalog.clone(), verified));
+    agents.spawn(agent::watch_loop(client.clone(), catalog.clone(), verified));
 
     shutdown.await;
     tracing::info!("blockd stopping");
+    agents.abort_all();
     let _ = stop_tx.send(true);
-    // Give connections a moment to finish their requests, then stop everything.
+    // The accept loops and the HTTP server stop at once; give them a moment, then go on.
     let drain = async { while tasks.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
     tasks.abort_all();
