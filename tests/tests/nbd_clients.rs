@@ -281,8 +281,10 @@ fn fio_nbd_engine_random_writes_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=terse",
-        ]));
+        ])
+        .current_dir(f.path()));
         assert!(!out.contains("verify: bad"), "{out}");
     }
 }
