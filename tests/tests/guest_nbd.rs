@@ -153,3 +153,13 @@ fn guest_modules_resolve_in_dependency_order() {
     );
     eprintln!("{}: {}", a.kernel.package, a.modules.join(" "));
 }
+
+#[test]
+fn guest_timeout_kills_qemu_and_reports_it() {
+    let a = Assets::get();
+    // No disk: `need_disk` waits 10 s for /dev/vda, far beyond this timeout.
+    let c = a.boot(None, "disk-info", &[], Duration::from_millis(1500));
+    assert!(c.timed_out && c.result().is_none(), "{}", c.text);
+    assert!(c.status.is_none());
+    assert!(!c.ok());
+}

@@ -269,22 +269,23 @@ fn fio_nbd_engine_random_writes_verify() {
     let f = Fabric::start("4G");
     f.create_volume("fio", "64M");
     for url in [f.unix_url("fio"), f.tcp_url("fio")] {
-        let out = run(Command::new("fio").args([
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={url}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--bsrange=4k-64k",
-            "--size=32M",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--output-format=terse",
-        ])
-        .current_dir(f.path()));
+        let out = run(Command::new("fio")
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={url}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--bsrange=4k-64k",
+                "--size=32M",
+                "--iodepth=16",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+                "--output-format=terse",
+            ])
+            .current_dir(f.path()));
         assert!(!out.contains("verify: bad"), "{out}");
     }
 }
