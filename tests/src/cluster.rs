@@ -47,6 +47,7 @@ pub struct Fabric {
     pub blockd_http: String,
     pub nbd_port: u16,
     pub socket: PathBuf,
+    disk_size: String,
     // Declared before `dir`: the processes die before their directory is removed.
     blockd: Option<Proc>,
     manager: Option<Proc>,
@@ -69,12 +70,13 @@ impl Fabric {
             blockd_http: format!("127.0.0.1:{}", free_port()),
             nbd_port: free_port(),
             socket: dir.path().join("nbd.sock"),
+            disk_size: disk_size.to_string(),
             blockd: None,
             manager: None,
             dir,
         };
         f.start_manager();
-        f.start_blockd(disk_size);
+        f.start_blockd();
         f
     }
 
@@ -104,10 +106,11 @@ impl Fabric {
     }
 
     /// (Re)starts blockd with the same node name, addresses and disk.
-    pub fn start_blockd(&mut self, disk_size: &str) {
+    pub fn start_blockd(&mut self) {
         let disk = format!(
-            "{}:{disk_size}",
-            self.dir.path().join("disk0.img").display()
+            "{}:{}",
+            self.dir.path().join("disk0.img").display(),
+            self.disk_size
         );
         let p = Proc::spawn(
             "blockd",

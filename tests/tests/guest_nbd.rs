@@ -163,3 +163,33 @@ fn guest_timeout_kills_qemu_and_reports_it() {
     assert!(c.status.is_none());
     assert!(!c.ok());
 }
+
+#[test]
+fn guest_writes_survive_blockd_kill_9() {
+    // The guest's writes are O_DIRECT + fsync (NBD FLUSH): once it reports them, they must
+    // survive blockd being SIGKILLed and restarted on the same disk.
+    let mut f = Fabric::start("4G");
+    f.create_volume("crash", "64M");
+    let seed = format!("crash-{}", std::process::id());
+    let args = [seed.as_str(), "0", "4", "63"];
+    let a = Assets::get();
+    a.boot(
+        Some(&f.unix_url("crash")),
+        "write-pattern",
+        &args,
+        BOOT_TIMEOUT,
+    )
+    .expect_ok();
+    f.kill_blockd();
+    f.start_blockd();
+    let url = f.unix_url("crash");
+    fabric_tests::wait_for("export after restart", Duration::from_secs(30), || {
+        fabric_tests::try_run(Command::new("nbdinfo").args(["--size", &url])).0
+    });
+    let c = a.boot(Some(&url), "verify-pattern", &args, BOOT_TIMEOUT);
+    if !c.ok() {
+        eprintln!("{}", f.logs());
+    }
+    c.expect_ok();
+    assert_eq!(c.markers("READ").len(), 3, "{}", c.text);
+}
