@@ -507,3 +507,35 @@ fn handshake_errors() {
     d.write_all(&0x100u32.to_be_bytes()).unwrap();
     assert!(is_closed(&mut d));
 }
+
+#[test]
+fn full_disk_gives_enospc_and_keeps_data() {
+    require("qemu-io");
+    // A 20 MiB disk holds 4 chunk slots (4 MiB each, after 4 MiB of metadata); the volume is
+    // bigger (thin provisioning with overcommit).
+    let s = server(&[("big", 1, 64 << 20)], 20 << 20);
+    let url = format!("nbd://127.0.0.1:{}/big", s.port);
+    qemu_io(&url, &["write -P 0x61 0 16M", "flush"]);
+    // The fifth chunk has nowhere to go: ENOSPC ("No space left on device"), not corruption.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x62 16M 4k", &url])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("No space left on device"), "{text}");
+    // Everything written before is intact, the unwritable range reads as zeroes, and writes
+    // into chunks that exist still succeed.
+    qemu_io(
+        &url,
+        &[
+            "read -P 0x61 0 16M",
+            "read -P 0 16M 4k",
+            "write -P 0x63 4M 4k",
+            "read -P 0x63 4M 4k",
+        ],
+    );
+}
