@@ -7,7 +7,6 @@ pub mod chunkstore;
 pub mod config;
 pub mod daemon;
 pub mod export;
-pub mod nbd;
 pub mod nbdgw;
 pub mod sys;
 pub mod uring;

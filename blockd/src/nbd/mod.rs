@@ -1,1 +1,0 @@
-//! NBD server (fixed newstyle handshake, structured replies, base:allocation).
