@@ -20,7 +20,11 @@ impl Drop for Mgr {
 }
 
 fn start(dir: &std::path::Path, extra: &[&str]) -> Mgr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Command::new(env!("CARGO_BIN_EXE_volume-mgr"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir)
@@ -32,7 +36,10 @@ fn start(dir: &std::path::Path, extra: &[&str]) -> Mgr {
     let url = format!("http://127.0.0.1:{port}");
     let t = Instant::now();
     while reqwest::blocking::get(format!("{url}/healthz")).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "volume-mgr did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "volume-mgr did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Mgr { child, url }
@@ -46,17 +53,33 @@ fn call(c: &Client, method: &str, url: &str, body: Option<Value>) -> (u16, Value
     let r = rq.send().unwrap();
     let status = r.status().as_u16();
     let text = r.text().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn expect_err(got: (u16, Value), status: u16, code: &str) {
     assert_eq!(got.0, status, "{:?}", got.1);
     assert_eq!(got.1["code"], code, "{:?}", got.1);
-    assert!(got.1["message"].as_str().is_some_and(|m| !m.is_empty() && !m.contains('\n')), "{:?}", got.1);
+    assert!(
+        got.1["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty() && !m.contains('\n')),
+        "{:?}",
+        got.1
+    );
 }
 
 fn register(c: &Client, url: &str, node: &str, capacity: u64) -> (u16, Value) {
-    call(c, "PUT", &format!("{url}/v1/nodes/{node}"), Some(json!({"address": "127.0.0.1:7800", "nbd_address": "127.0.0.1:10809", "disks": [{"path": "/d0", "capacity": capacity, "used": 0}]})))
+    call(
+        c,
+        "PUT",
+        &format!("{url}/v1/nodes/{node}"),
+        Some(
+            json!({"address": "127.0.0.1:7800", "nbd_address": "127.0.0.1:10809", "disks": [{"path": "/d0", "capacity": capacity, "used": 0}]}),
+        ),
+    )
 }
 
 #[test]
@@ -66,42 +89,165 @@ fn every_bad_request_gets_a_clear_4xx() {
     let c = Client::new();
     let vols = format!("{}/v1/volumes", m.url);
     // No disks anywhere yet.
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "a", "size": 4096}))), 507, "no_capacity");
+    expect_err(
+        call(&c, "POST", &vols, Some(json!({"name": "a", "size": 4096}))),
+        507,
+        "no_capacity",
+    );
     // Registration validation.
-    expect_err(call(&c, "PUT", &format!("{}/v1/nodes/n1", m.url), Some(json!({"address": "nope", "nbd_address": "", "disks": []}))), 400, "invalid_argument");
-    expect_err(call(&c, "PUT", &format!("{}/v1/nodes/bad%20name", m.url), Some(json!({"address": "127.0.0.1:1", "nbd_address": "", "disks": []}))), 400, "invalid_argument");
-    expect_err(call(&c, "PUT", &format!("{}/v1/nodes/n1/heartbeat", m.url), Some(json!({"disks": []}))), 404, "not_found");
+    expect_err(
+        call(
+            &c,
+            "PUT",
+            &format!("{}/v1/nodes/n1", m.url),
+            Some(json!({"address": "nope", "nbd_address": "", "disks": []})),
+        ),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(
+            &c,
+            "PUT",
+            &format!("{}/v1/nodes/bad%20name", m.url),
+            Some(json!({"address": "127.0.0.1:1", "nbd_address": "", "disks": []})),
+        ),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(
+            &c,
+            "PUT",
+            &format!("{}/v1/nodes/n1/heartbeat", m.url),
+            Some(json!({"disks": []})),
+        ),
+        404,
+        "not_found",
+    );
     assert_eq!(register(&c, &m.url, "n1", 1 << 30).0, 200);
     // Volume validation.
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "bad/name", "size": 4096}))), 400, "invalid_argument");
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "", "size": 4096}))), 400, "invalid_argument");
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "a", "size": 0}))), 400, "invalid_argument");
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "a", "size": 4097}))), 400, "invalid_argument");
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "a", "size": 1u64 << 51}))), 400, "invalid_argument");
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "a", "size": 4096, "colour": "red"}))), 400, "invalid_argument");
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "a"}))), 400, "invalid_argument");
-    let r = c.post(&vols).header("content-type", "application/json").body("{not json").send().unwrap();
+    expect_err(
+        call(
+            &c,
+            "POST",
+            &vols,
+            Some(json!({"name": "bad/name", "size": 4096})),
+        ),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(&c, "POST", &vols, Some(json!({"name": "", "size": 4096}))),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(&c, "POST", &vols, Some(json!({"name": "a", "size": 0}))),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(&c, "POST", &vols, Some(json!({"name": "a", "size": 4097}))),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(
+            &c,
+            "POST",
+            &vols,
+            Some(json!({"name": "a", "size": 1u64 << 51})),
+        ),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(
+            &c,
+            "POST",
+            &vols,
+            Some(json!({"name": "a", "size": 4096, "colour": "red"})),
+        ),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(&c, "POST", &vols, Some(json!({"name": "a"}))),
+        400,
+        "invalid_argument",
+    );
+    let r = c
+        .post(&vols)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    let r = c.post(&vols).header("content-type", "text/plain").body("x").send().unwrap();
+    let r = c
+        .post(&vols)
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 415);
     assert_eq!(r.json::<Value>().unwrap()["code"], "unsupported_media_type");
     // Capacity, duplicates, unknown names, unknown routes and methods.
-    let (s, v) = call(&c, "POST", &vols, Some(json!({"name": "a", "size": 512 << 20})));
+    let (s, v) = call(
+        &c,
+        "POST",
+        &vols,
+        Some(json!({"name": "a", "size": 512 << 20})),
+    );
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["id"], 1);
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "a", "size": 4096}))), 409, "already_exists");
-    expect_err(call(&c, "POST", &vols, Some(json!({"name": "b", "size": 768 << 20}))), 507, "no_capacity");
-    expect_err(call(&c, "GET", &format!("{vols}/zzz"), None), 404, "not_found");
-    expect_err(call(&c, "DELETE", &format!("{vols}/zzz"), None), 404, "not_found");
-    expect_err(call(&c, "GET", &format!("{}/v1/nope", m.url), None), 404, "not_found");
+    expect_err(
+        call(&c, "POST", &vols, Some(json!({"name": "a", "size": 4096}))),
+        409,
+        "already_exists",
+    );
+    expect_err(
+        call(
+            &c,
+            "POST",
+            &vols,
+            Some(json!({"name": "b", "size": 768 << 20})),
+        ),
+        507,
+        "no_capacity",
+    );
+    expect_err(
+        call(&c, "GET", &format!("{vols}/zzz"), None),
+        404,
+        "not_found",
+    );
+    expect_err(
+        call(&c, "DELETE", &format!("{vols}/zzz"), None),
+        404,
+        "not_found",
+    );
+    expect_err(
+        call(&c, "GET", &format!("{}/v1/nope", m.url), None),
+        404,
+        "not_found",
+    );
     expect_err(call(&c, "PATCH", &vols, None), 405, "method_not_allowed");
-    expect_err(call(&c, "GET", &format!("{vols}?after_revision=x"), None), 400, "invalid_argument");
+    expect_err(
+        call(&c, "GET", &format!("{vols}?after_revision=x"), None),
+        400,
+        "invalid_argument",
+    );
     // Delete, and ids are never reused.
     assert_eq!(call(&c, "DELETE", &format!("{vols}/a"), None).0, 204);
     let (s, v) = call(&c, "POST", &vols, Some(json!({"name": "a", "size": 4096})));
     assert_eq!((s, v["id"].clone()), (201, json!(2)));
     // Metrics count what happened.
-    let text = c.get(format!("{}/metrics", m.url)).send().unwrap().text().unwrap();
+    let text = c
+        .get(format!("{}/metrics", m.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(text.contains("volume_mgr_volumes 1"), "{text}");
     assert!(text.contains("status=\"507\""), "{text}");
 }
@@ -116,28 +262,57 @@ fn watch_wakes_on_change_and_liveness_follows_heartbeats() {
     let rev = l["revision"].as_u64().unwrap();
     // Nothing changes: the long-poll returns after its timeout with the same revision.
     let t = Instant::now();
-    let (_, l2) = call(&c, "GET", &format!("{}/v1/volumes?after_revision={rev}&timeout_ms=400", m.url), None);
+    let (_, l2) = call(
+        &c,
+        "GET",
+        &format!("{}/v1/volumes?after_revision={rev}&timeout_ms=400", m.url),
+        None,
+    );
     assert!(t.elapsed() >= Duration::from_millis(350));
     assert_eq!(l2["revision"].as_u64().unwrap(), rev);
     // A change wakes a waiting watcher at once.
     let url = m.url.clone();
     let waiter = std::thread::spawn(move || {
         let t = Instant::now();
-        let (_, l) = call(&Client::new(), "GET", &format!("{url}/v1/volumes?after_revision={rev}&timeout_ms=20000"), None);
+        let (_, l) = call(
+            &Client::new(),
+            "GET",
+            &format!("{url}/v1/volumes?after_revision={rev}&timeout_ms=20000"),
+            None,
+        );
         (t.elapsed(), l)
     });
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(call(&c, "POST", &format!("{}/v1/volumes", m.url), Some(json!({"name": "w", "size": 4096}))).0, 201);
+    assert_eq!(
+        call(
+            &c,
+            "POST",
+            &format!("{}/v1/volumes", m.url),
+            Some(json!({"name": "w", "size": 4096}))
+        )
+        .0,
+        201
+    );
     let (took, l) = waiter.join().unwrap();
     assert!(took < Duration::from_secs(5), "watch took {took:?}");
     assert!(l["revision"].as_u64().unwrap() > rev);
     assert_eq!(l["items"][0]["name"], "w");
     // Liveness: up while heartbeating, down after --down-after without.
-    let node = |c: &Client| call(c, "GET", &format!("{}/v1/nodes/n1", m.url), None).1["state"].clone();
+    let node =
+        |c: &Client| call(c, "GET", &format!("{}/v1/nodes/n1", m.url), None).1["state"].clone();
     assert_eq!(node(&c), "up");
     for _ in 0..4 {
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(call(&c, "PUT", &format!("{}/v1/nodes/n1/heartbeat", m.url), Some(json!({"disks": []}))).0, 204);
+        assert_eq!(
+            call(
+                &c,
+                "PUT",
+                &format!("{}/v1/nodes/n1/heartbeat", m.url),
+                Some(json!({"disks": []}))
+            )
+            .0,
+            204
+        );
         assert_eq!(node(&c), "up");
     }
     std::thread::sleep(Duration::from_millis(900));
@@ -153,11 +328,19 @@ fn sigkill_loses_no_acknowledged_change() {
         let mut m = start(dir.path(), &[]);
         assert_eq!(register(&c, &m.url, "n1", 1 << 40).0, 200);
         for i in 0..30 {
-            let (s, v) = call(&c, "POST", &format!("{}/v1/volumes", m.url), Some(json!({"name": format!("v{i}"), "size": 1 << 20})));
+            let (s, v) = call(
+                &c,
+                "POST",
+                &format!("{}/v1/volumes", m.url),
+                Some(json!({"name": format!("v{i}"), "size": 1 << 20})),
+            );
             assert_eq!(s, 201);
             acked.push((format!("v{i}"), v["id"].as_u64().unwrap()));
         }
-        assert_eq!(call(&c, "DELETE", &format!("{}/v1/volumes/v0", m.url), None).0, 204);
+        assert_eq!(
+            call(&c, "DELETE", &format!("{}/v1/volumes/v0", m.url), None).0,
+            204
+        );
         // SIGKILL right after the last acknowledgement.
         m.child.kill().unwrap();
         let _ = m.child.wait();
@@ -167,9 +350,17 @@ fn sigkill_loses_no_acknowledged_change() {
     let items = l["items"].as_array().unwrap();
     assert_eq!(items.len(), 29, "{l}");
     for (name, id) in &acked[1..] {
-        assert!(items.iter().any(|v| v["name"] == *name && v["id"] == *id), "{name} lost");
+        assert!(
+            items.iter().any(|v| v["name"] == *name && v["id"] == *id),
+            "{name} lost"
+        );
     }
-    let (_, v) = call(&c, "POST", &format!("{}/v1/volumes", m.url), Some(json!({"name": "after", "size": 4096})));
+    let (_, v) = call(
+        &c,
+        "POST",
+        &format!("{}/v1/volumes", m.url),
+        Some(json!({"name": "after", "size": 4096})),
+    );
     assert_eq!(v["id"], 31, "ids continue after a crash, never reused");
     let (_, cl) = call(&c, "GET", &format!("{}/v1/cluster", m.url), None);
     assert_eq!(cl["cluster_id"].as_str().unwrap().len(), 32);
