@@ -177,3 +177,103 @@ fn sigkill_mid_write_loses_no_flushed_data() {
     let log = std::fs::read_to_string(dir.path().join("blockd.log")).unwrap_or_default();
     assert!(!log.contains("checksum mismatch"), "{log}");
 }
+
+/// Multi-conn: a FLUSH on one connection makes writes completed on another durable
+/// (`NBD_FLAG_CAN_MULTI_CONN`). Write on A, flush on B, SIGKILL, restart: the data is there.
+#[test]
+fn flush_on_one_connection_covers_writes_of_another() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let mgr_url = format!("http://127.0.0.1:{mport}");
+    let _mgr = Proc(
+        Command::new(bin("volume-mgr"))
+            .args(["--listen", &format!("127.0.0.1:{mport}"), "--data-dir"])
+            .arg(dir.path().join("mgr"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(mport);
+    let nbd_port = free_port();
+    let mut bd = start_blockd(dir.path(), &mgr_url, nbd_port);
+    wait_port(nbd_port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = volume_mgr::client::Client::new(vec![mgr_url.clone()]);
+    let t = Instant::now();
+    while let Err(e) = rt.block_on(client.create_volume(&volume_mgr::api::CreateVolume {
+        name: "mc".into(),
+        size: 16 << 20,
+    })) {
+        assert!(t.elapsed() < Duration::from_secs(20), "volume create: {e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Minimal NBD client: handshake with GO, then simple requests.
+    let connect = || {
+        let t = Instant::now();
+        loop {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", nbd_port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut greet = [0u8; 18];
+            s.read_exact(&mut greet).unwrap();
+            s.write_all(&3u32.to_be_bytes()).unwrap();
+            let mut opt = b"IHAVEOPT".to_vec();
+            opt.extend_from_slice(&7u32.to_be_bytes());
+            opt.extend_from_slice(&(4 + 2 + 2u32).to_be_bytes());
+            opt.extend_from_slice(&2u32.to_be_bytes());
+            opt.extend_from_slice(b"mc");
+            opt.extend_from_slice(&0u16.to_be_bytes());
+            s.write_all(&opt).unwrap();
+            loop {
+                let mut h = [0u8; 20];
+                s.read_exact(&mut h).unwrap();
+                let rep = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+                s.read_exact(&mut d).unwrap();
+                if rep == 1 {
+                    return s;
+                }
+                if rep != 3 {
+                    // The volume may not be known to blockd yet: retry.
+                    assert!(
+                        t.elapsed() < Duration::from_secs(20),
+                        "GO refused: {rep:#x}"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            }
+        }
+    };
+    let request = |s: &mut std::net::TcpStream, kind: u16, cookie: u64, off: u64, data: &[u8]| {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&off.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        s.write_all(&b).unwrap();
+        let mut r = [0u8; 16];
+        s.read_exact(&mut r).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+            0,
+            "request failed"
+        );
+        assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), cookie);
+    };
+    let mut a = connect();
+    let mut b = connect();
+    request(&mut a, 1, 1, 4 << 20, &[0x4d; 65536]); // WRITE on A
+    request(&mut b, 3, 2, 0, &[]); // FLUSH on B
+    let _ = bd.0.kill();
+    let _ = bd.0.wait();
+    drop((a, b));
+    let _bd2 = start_blockd(dir.path(), &mgr_url, nbd_port);
+    wait_port(nbd_port);
+    let url = format!("nbd://127.0.0.1:{nbd_port}/mc");
+    let (ok, out) = qemu_io(&url, &["read -P 0x4d 4M 64k"]);
+    assert!(ok, "write from A not durable after FLUSH on B: {out}");
+}
