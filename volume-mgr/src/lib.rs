@@ -5,6 +5,7 @@ pub mod api;
 pub mod client;
 pub mod humantime_serde;
 pub mod metrics;
+pub mod placement;
 pub mod server;
 pub mod store;
 
