@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod export;
 pub mod nbdgw;
+pub mod replica;
 pub mod sys;
 pub mod uring;
 pub mod volume;
