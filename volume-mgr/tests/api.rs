@@ -255,7 +255,7 @@ fn every_bad_request_gets_a_clear_4xx() {
 #[test]
 fn watch_wakes_on_change_and_liveness_follows_heartbeats() {
     let dir = tempfile::tempdir().unwrap();
-    let m = start(dir.path(), &["--down-after", "700ms"]);
+    let m = start(dir.path(), &["--down-after", "1500ms"]);
     let c = Client::new();
     assert_eq!(register(&c, &m.url, "n1", 1 << 30).0, 200);
     let (_, l) = call(&c, "GET", &format!("{}/v1/volumes", m.url), None);
@@ -297,7 +297,7 @@ fn watch_wakes_on_change_and_liveness_follows_heartbeats() {
     assert!(took < Duration::from_secs(5), "watch took {took:?}");
     assert!(l["revision"].as_u64().unwrap() > rev);
     assert_eq!(l["items"][0]["name"], "w");
-    // Liveness: up while heartbeating, down after --down-after without.
+    // liveness: up while heartbeating (every 300 ms), down once --down-after (1.5 s) passes without.
     let node =
         |c: &Client| call(c, "GET", &format!("{}/v1/nodes/n1", m.url), None).1["state"].clone();
     assert_eq!(node(&c), "up");
@@ -315,7 +315,7 @@ fn watch_wakes_on_change_and_liveness_follows_heartbeats() {
         );
         assert_eq!(node(&c), "up");
     }
-    std::thread::sleep(Duration::from_millis(900));
+    std::thread::sleep(Duration::from_millis(2000));
     assert_eq!(node(&c), "down");
 }
 
