@@ -165,3 +165,21 @@ pub struct ClusterInfo {
     pub cluster_id: String,
     pub revision: u64,
 }
+
+/// `POST /v1/volumes/{name}/lease`: a gateway asks to become the volume's single writer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub node: String,
+}
+
+/// The single-writer lease of a volume. Every change of holder bumps `epoch`; replicas refuse
+/// I/O carrying an older epoch, so a gateway that lost the lease can never write again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    pub volume: String,
+    pub holder: String,
+    pub epoch: u64,
+    pub acquired_ms: u64,
+}

@@ -196,6 +196,25 @@ impl Client {
         self.get(&format!("/v1/volumes/{name}")).await
     }
 
+    /// Takes (or keeps) the volume's writer lease for `node`.
+    pub async fn acquire_lease(&self, volume: &str, node: &str) -> Result<api::Lease, ClientError> {
+        let req = api::LeaseRequest {
+            node: node.to_string(),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/volumes/{volume}/lease"),
+            Some(&req),
+            Duration::from_secs(10),
+        )
+        .await?
+        .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    pub async fn get_lease(&self, volume: &str) -> Result<api::Lease, ClientError> {
+        self.get(&format!("/v1/volumes/{volume}/lease")).await
+    }
+
     pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
         self.call::<(), serde_json::Value>(
             Method::DELETE,

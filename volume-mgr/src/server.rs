@@ -440,13 +440,64 @@ async fn delete_volume(
         .store
         .get(Kind::Volume, &name)?
         .ok_or_else(|| not_found(format!("volume {name} not found")))?;
+    // The lease goes with the volume (a re-created volume has a new id, so no replica can
+    // confuse its epochs with the old one's).
     let rev = app.store.commit(
         &[Cond::Equals(Kind::Volume, name.clone(), Some(cur))],
-        &[Op::Delete(Kind::Volume, name.clone())],
+        &[
+            Op::Delete(Kind::Volume, name.clone()),
+            Op::Delete(Kind::Lease, name.clone()),
+        ],
     )?;
     app.volume_rev.send_replace(rev);
     tracing::info!(volume = %name, "volume deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Grants the volume's writer lease to `node`. The holder re-asking keeps its epoch (a
+/// re-attach); any other node takes the lease over with the next epoch (migration, failover).
+/// The new epoch is durable before it is returned, so no two holders ever share an epoch.
+async fn acquire_lease(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<api::LeaseRequest>, JsonRejection>,
+) -> ApiResult<Json<api::Lease>> {
+    let Json(req) = body.map_err(json_err)?;
+    validate_node_name(&req.node)?;
+    let _g = app.mutate.lock().await;
+    if app.store.get(Kind::Volume, &name)?.is_none() {
+        return Err(not_found(format!("volume {name} not found")));
+    }
+    let cur = app.store.get(Kind::Lease, &name)?;
+    let old: Option<api::Lease> = cur.as_deref().map(decode).transpose()?;
+    if let Some(l) = &old {
+        if l.holder == req.node {
+            return Ok(Json(l.clone()));
+        }
+    }
+    let lease = api::Lease {
+        volume: name.clone(),
+        holder: req.node.clone(),
+        epoch: old.as_ref().map(|l| l.epoch + 1).unwrap_or(1),
+        acquired_ms: now_ms(),
+    };
+    app.store.commit(
+        &[Cond::Equals(Kind::Lease, name.clone(), cur)],
+        &[Op::Put(Kind::Lease, name.clone(), encode(&lease))],
+    )?;
+    tracing::info!(volume = %name, holder = %lease.holder, epoch = lease.epoch, previous = ?old.map(|l| l.holder), "lease granted");
+    Ok(Json(lease))
+}
+
+async fn get_lease(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<api::Lease>> {
+    let b = app
+        .store
+        .get(Kind::Lease, &name)?
+        .ok_or_else(|| not_found(format!("volume {name} has no lease")))?;
+    Ok(Json(decode(&b)?))
 }
 
 async fn cluster(State(app): State<AppState>) -> ApiResult<Json<api::ClusterInfo>> {
@@ -516,6 +567,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/disks", get(list_disks))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route(
+            "/v1/volumes/{name}/lease",
+            axum::routing::post(acquire_lease).get(get_lease),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })

@@ -11,6 +11,7 @@ pub enum Kind {
     Node,
     Disk,
     Volume,
+    Lease,
     Meta,
 }
 
@@ -20,6 +21,7 @@ impl Kind {
             Kind::Node => "node/",
             Kind::Disk => "disk/",
             Kind::Volume => "volume/",
+            Kind::Lease => "lease/",
             Kind::Meta => "meta/",
         }
     }

@@ -365,3 +365,65 @@ fn sigkill_loses_no_acknowledged_change() {
     let (_, cl) = call(&c, "GET", &format!("{}/v1/cluster", m.url), None);
     assert_eq!(cl["cluster_id"].as_str().unwrap().len(), 32);
 }
+
+#[test]
+fn lease_epochs_only_move_forward_and_survive_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::new();
+    let lease = |url: &str, node: &str| {
+        call(
+            &c,
+            "POST",
+            &format!("{url}/v1/volumes/vol/lease"),
+            Some(json!({"node": node})),
+        )
+    };
+    {
+        let m = start(dir.path(), &[]);
+        assert_eq!(register(&c, &m.url, "n1", 1 << 30).0, 200);
+        expect_err(lease(&m.url, "n1"), 404, "not_found");
+        assert_eq!(
+            call(
+                &c,
+                "POST",
+                &format!("{}/v1/volumes", m.url),
+                Some(json!({"name": "vol", "size": 4096}))
+            )
+            .0,
+            201
+        );
+        expect_err(
+            call(&c, "GET", &format!("{}/v1/volumes/vol/lease", m.url), None),
+            404,
+            "not_found",
+        );
+        expect_err(lease(&m.url, "bad name"), 400, "invalid_argument");
+        let (s, l) = lease(&m.url, "n1");
+        assert_eq!(
+            (s, l["epoch"].clone(), l["holder"].clone()),
+            (200, json!(1), json!("n1"))
+        );
+        // Re-attach by the holder keeps the epoch; a takeover bumps it.
+        assert_eq!(lease(&m.url, "n1").1["epoch"], 1);
+        assert_eq!(lease(&m.url, "n2").1["epoch"], 2);
+        assert_eq!(lease(&m.url, "n1").1["epoch"], 3);
+    }
+    // After a restart the epoch continues; it never goes back.
+    let m = start(dir.path(), &[]);
+    let (_, l) = call(&c, "GET", &format!("{}/v1/volumes/vol/lease", m.url), None);
+    assert_eq!(
+        (l["epoch"].clone(), l["holder"].clone()),
+        (json!(3), json!("n1"))
+    );
+    assert_eq!(lease(&m.url, "n3").1["epoch"], 4);
+    // Deleting the volume drops its lease.
+    assert_eq!(
+        call(&c, "DELETE", &format!("{}/v1/volumes/vol", m.url), None).0,
+        204
+    );
+    expect_err(
+        call(&c, "GET", &format!("{}/v1/volumes/vol/lease", m.url), None),
+        404,
+        "not_found",
+    );
+}
