@@ -5,7 +5,6 @@
 use crate::chunkstore::ChunkStore;
 use crate::config::Config;
 use crate::volume::{VolumeCatalog, VolumeInfo, VolumeLookup};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use volume_mgr::api;
@@ -16,12 +15,18 @@ use volume_mgr::client::Client;
 pub struct ManagerLookup {
     pub client: Client,
     /// Set once the manager's cluster id matched the disks'; nothing is served before.
-    pub verified: Arc<AtomicBool>,
+    pub verified: tokio::sync::watch::Receiver<bool>,
 }
 
 impl VolumeLookup for ManagerLookup {
     async fn lookup(&self, name: &str) -> Option<VolumeInfo> {
-        if !self.verified.load(Ordering::Acquire) {
+        // Right after start-up the cluster check may still be running: wait for it a little
+        // rather than telling the client the export does not exist.
+        let mut rx = self.verified.clone();
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v)).await,
+            Ok(Ok(_))
+        ) {
             return None;
         }
         match self.client.get_volume(name).await {
@@ -130,14 +135,14 @@ async fn same_cluster(client: &Client, store: &Arc<ChunkStore>) -> Result<(), St
 pub async fn watch_loop<L: VolumeLookup>(
     client: Client,
     catalog: Arc<VolumeCatalog<L>>,
-    verified: Arc<AtomicBool>,
+    verified: tokio::sync::watch::Sender<bool>,
 ) {
     let mut revision = 0u64;
     let mut failures = 0u32;
     loop {
         match same_cluster(&client, catalog.store()).await {
             Ok(()) => {
-                verified.store(true, Ordering::Release);
+                verified.send_replace(true);
                 break;
             }
             Err(e) => {

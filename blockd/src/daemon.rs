@@ -42,12 +42,12 @@ pub async fn run(
             .map_err(|e| DaemonError::Other(format!("opening disks: {e}")))??,
     );
     let client = Client::new(cfg.manager.clone());
-    let verified = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (verified, verified_rx) = tokio::sync::watch::channel(false);
     let catalog: Arc<Catalog> = Arc::new(VolumeCatalog::new(
         store.clone(),
         ManagerLookup {
             client: client.clone(),
-            verified: verified.clone(),
+            verified: verified_rx,
         },
     ));
     let metrics = Arc::new(nbd::NbdMetrics::default());
