@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod guest;
 pub mod nbd;
+pub mod netns;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
