@@ -10,8 +10,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2) is installed");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2) is installed");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// One namespace "host".
@@ -44,9 +52,16 @@ impl Net {
     pub fn new(n: usize) -> Net {
         assert!((1..=200).contains(&n));
         // Unique per process and per call, short enough for interface names (15 chars).
-        let tag = format!("f{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed));
+        let tag = format!(
+            "f{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let switch = format!("{tag}-sw");
-        let mut net = Net { switch: switch.clone(), hosts: Vec::new() };
+        let mut net = Net {
+            switch: switch.clone(),
+            hosts: Vec::new(),
+        };
         ip(&["netns", "add", &switch]);
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &switch, "link", "set", "br0", "up"]);
@@ -54,14 +69,29 @@ impl Net {
             let ns = format!("{tag}-h{i}");
             ip(&["netns", "add", &ns]);
             // Registered before the links, so a failure below still cleans this namespace up.
-            let host = Host { ns: ns.clone(), addr: format!("198.18.0.{}", i + 1), ifname: "eth0".into() };
+            let host = Host {
+                ns: ns.clone(),
+                addr: format!("198.18.0.{}", i + 1),
+                ifname: "eth0".into(),
+            };
             net.hosts.push(host.clone());
             let peer = format!("p{i}");
-            ip(&["link", "add", "name", "eth0", "netns", &ns, "type", "veth", "peer", "name", &peer, "netns", &switch]);
+            ip(&[
+                "link", "add", "name", "eth0", "netns", &ns, "type", "veth", "peer", "name", &peer,
+                "netns", &switch,
+            ]);
             ip(&["-n", &switch, "link", "set", &peer, "master", "br0"]);
             ip(&["-n", &switch, "link", "set", &peer, "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", host.addr), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", host.addr),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         }
         net
@@ -69,7 +99,14 @@ impl Net {
 
     /// Cuts a host's link (as a pulled cable: its namespace and processes stay).
     pub fn link_down(&self, host: usize) {
-        ip(&["-n", &self.switch, "link", "set", &format!("p{host}"), "down"]);
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &format!("p{host}"),
+            "down",
+        ]);
     }
 
     pub fn link_up(&self, host: usize) {
@@ -83,6 +120,8 @@ impl Drop for Net {
         for h in &self.hosts {
             let _ = Command::new("ip").args(["netns", "del", &h.ns]).status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.switch]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.switch])
+            .status();
     }
 }

@@ -48,19 +48,42 @@ fn fabric_daemons_across_namespace_hosts() {
     let mgr_url = format!("http://{}:7700", m.addr);
     let _mgr = Proc::spawn(
         "volume-mgr",
-        m.command(bin("volume-mgr")).args(["--listen", &format!("{}:7700", m.addr), "--data-dir"]).arg(dir.path().join("mgr")).stdout(Stdio::null()).stderr(Stdio::null()),
+        m.command(bin("volume-mgr"))
+            .args(["--listen", &format!("{}:7700", m.addr), "--data-dir"])
+            .arg(dir.path().join("mgr"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
     );
     let _bd = Proc::spawn(
         "blockd",
         b.command(bin("blockd"))
-            .args(["--manager", &mgr_url, "--node", "h1", "--listen", &format!("{}:7800", b.addr)])
-            .args(["--nbd-listen", &format!("{}:10809", b.addr), "--http-listen", "none", "--disk"])
+            .args([
+                "--manager",
+                &mgr_url,
+                "--node",
+                "h1",
+                "--listen",
+                &format!("{}:7800", b.addr),
+            ])
+            .args([
+                "--nbd-listen",
+                &format!("{}:10809", b.addr),
+                "--http-listen",
+                "none",
+                "--disk",
+            ])
             .arg(format!("{}:1G", dir.path().join("h1.img").display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
     // fabctl from the client host talks to the manager host.
-    let fabctl = |args: &[&str]| c.command(bin("fabctl")).args(["--manager", &mgr_url]).args(args).output().unwrap();
+    let fabctl = |args: &[&str]| {
+        c.command(bin("fabctl"))
+            .args(["--manager", &mgr_url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
     wait_for("blockd registered", Duration::from_secs(30), || {
         let o = fabctl(&["-o", "json", "node", "ls"]);
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"up\"")
@@ -69,17 +92,39 @@ fn fabric_daemons_across_namespace_hosts() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let url = format!("nbd://{}:10809/xvol", b.addr);
     let qio = |cmd: &str| {
-        let o = c.command("qemu-io").args(["-f", "raw", "-c", cmd, &url]).output().unwrap();
-        let t = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        assert!(o.status.success() && !t.contains("fail") && !t.contains("error"), "qemu-io {cmd}: {t}");
+        let o = c
+            .command("qemu-io")
+            .args(["-f", "raw", "-c", cmd, &url])
+            .output()
+            .unwrap();
+        let t = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.status.success() && !t.contains("fail") && !t.contains("error"),
+            "qemu-io {cmd}: {t}"
+        );
     };
     qio("write -P 0x7e 1M 1M");
     qio("read -P 0x7e 1M 1M");
     // With the client's link cut, the export is unreachable; back up, the data is there.
     net.link_down(2);
-    let o = c.command("qemu-io").args(["-f", "raw", "-c", "read 0 4k", &url]).output().unwrap();
+    let o = c
+        .command("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &url])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     net.link_up(2);
-    wait_for("client link back", Duration::from_secs(10), || c.command("qemu-io").args(["-f", "raw", "-c", "read 0 4k", &url]).output().unwrap().status.success());
+    wait_for("client link back", Duration::from_secs(10), || {
+        c.command("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 4k", &url])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
     qio("read -P 0x7e 1M 1M");
 }
