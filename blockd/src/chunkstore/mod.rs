@@ -484,6 +484,28 @@ impl ChunkStore {
         self.get(key).map(|c| c.rec.lock().unwrap().version)
     }
 
+    /// `(chunk index, version)` of every chunk of a volume stored here, by index.
+    pub fn chunk_versions(&self, volume: u64) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .chunks
+            .read()
+            .unwrap()
+            .values()
+            .filter(|c| c.key.volume == volume)
+            .map(|c| (c.key.index, c.rec.lock().unwrap().version))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Version and per-block crc32s of a chunk (`None` when not stored here).
+    pub fn chunk_checksums(&self, key: ChunkKey) -> Option<(u64, Vec<u32>)> {
+        self.get(key).map(|c| {
+            let r = c.rec.lock().unwrap();
+            (r.version, r.crcs.clone())
+        })
+    }
+
     fn get(&self, key: ChunkKey) -> Option<Arc<Chunk>> {
         self.chunks.read().unwrap().get(&key).cloned()
     }
