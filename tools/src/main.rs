@@ -86,20 +86,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub fn human(bytes: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", U[i])
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+    api::human_bytes(bytes)
 }
 
 fn ago(ms: u64) -> String {

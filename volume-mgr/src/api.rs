@@ -114,6 +114,24 @@ pub struct Volume {
     pub created_ms: u64,
 }
 
+/// Bytes for humans: `1 GiB`, `1.5 TiB`, `512 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", U[i])
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
 /// Volume names: 1..=64 chars of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
 pub fn validate_volume_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {

@@ -364,7 +364,14 @@ async fn create_volume(
         return Err(Error(
             StatusCode::INSUFFICIENT_STORAGE,
             "no_capacity",
-            format!("no capacity for {} bytes: {provisioned} of {limit} bytes already provisioned (capacity {capacity}, overcommit {})", req.size, app.cfg.overcommit),
+            format!(
+                "no capacity for {}: {} of {} already provisioned (disk capacity {}, overcommit {})",
+                api::human_bytes(req.size),
+                api::human_bytes(provisioned),
+                api::human_bytes(limit),
+                api::human_bytes(capacity),
+                app.cfg.overcommit
+            ),
         ));
     }
     let cur = app.store.get(Kind::Meta, "next_volume_id")?;
