@@ -21,6 +21,10 @@ use tokio::sync::{mpsc, Semaphore};
 const MAX_IN_FLIGHT: u32 = 128;
 /// Payload bytes in flight per connection (in KiB units of the byte semaphore).
 const BYTE_BUDGET_KIB: u32 = 256 * 1024;
+/// Payload bytes in flight across all connections of the process (KiB units): many
+/// connections together cannot make blockd buffer more than this.
+const GLOBAL_BUDGET_KIB: usize = 1024 * 1024;
+static GLOBAL_BYTES: Semaphore = Semaphore::const_new(GLOBAL_BUDGET_KIB);
 
 struct Reply {
     head: Vec<u8>,
@@ -489,6 +493,10 @@ where
             .acquire_many_owned(kib)
             .await
             .expect("semaphore never closed");
+        let global = GLOBAL_BYTES
+            .acquire_many(kib)
+            .await
+            .expect("semaphore never closed");
         let payload = if req.kind == wire::CMD_WRITE {
             // read_exact fills it completely or the request is dropped.
             let mut buf = AlignedBuf::for_overwrite(req.length as usize);
@@ -514,6 +522,7 @@ where
         tokio::spawn(async move {
             let reply = execute(&*export, req, payload, structured, &metrics).await;
             let _ = tx.send(reply);
+            drop(global);
             drop(budget);
             drop(slot);
         });
