@@ -69,11 +69,18 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
   echo "building release binaries..." >&2
   cargo build --release -q -p blockd -p volume-mgr -p tools
 fi
-BIN=$ROOT/target/release
-for b in volume-mgr blockd fabctl; do [ -x "$BIN/$b" ] || die "$BIN/$b is missing (build failed?)"; done
+for b in volume-mgr blockd fabctl; do
+  [ -x "target/release/$b" ] || die "target/release/$b is missing (build failed?)"
+done
+REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git diff --quiet HEAD -- blockd volume-mgr tools 2>/dev/null || REV="$REV + uncommitted changes"
 
 mkdir -p "$BENCH_DIR"
 WORK=$(mktemp -d "$BENCH_DIR/fabric-bench.XXXXXX")
+# Copies of the binaries, so that a rebuild by someone else during the run changes nothing.
+BIN=$WORK/bin
+mkdir -p "$BIN"
+cp target/release/volume-mgr target/release/blockd target/release/fabctl "$BIN/"
 CMDS=$WORK/commands.txt
 : > "$CMDS"
 # Logs a command line (once) to the commands list, then runs it.
@@ -224,9 +231,9 @@ RSS_MAX=$(sort -n "$RSS_LOG" | tail -1)
 mkdir -p bench/results
 OUT="bench/results/$(date +%Y-%m-%d-%H%M).md"
 {
-python3 - "$RESULTS" "$RUNS" "$RUNTIME" "$RAMP" "$SIZE" "$RSS_MAX" "$HWM" "$QAIO" <<'PY'
+python3 - "$RESULTS" "$RUNS" "$RUNTIME" "$RAMP" "$SIZE" "$RSS_MAX" "$HWM" "$QAIO" "$REV" <<'PY'
 import sys, statistics, collections
-_, path, runs, runtime, ramp, size, rss_max, hwm, qaio = sys.argv
+_, path, runs, runtime, ramp, size, rss_max, hwm, qaio, rev = sys.argv
 rows = collections.defaultdict(list)
 for line in open(path):
     t, tr, rw, bs, qd, run, iops, mbs, lat = line.rstrip("\n").split("\t")
@@ -239,7 +246,8 @@ def fmt(v, big):
     if v is None: return "-"
     return "%.0f MB/s" % v if big else "%.0f IOPS" % v
 print(f"blockd vs qemu-nbd (--cache=none --aio={qaio}) vs fio io_uring --direct=1 on the raw file; "
-      f"fio nbd engine. Medians of {runs} run(s) x {runtime} s (after {ramp} s ramp), {size} volume / file, both pre-filled.")
+      f"fio nbd engine. Medians of {runs} run(s) x {runtime} s (after {ramp} s ramp), {size} volume / file, both pre-filled. "
+      f"Fabric at {rev}.")
 print()
 print("| workload | transport | blockd | qemu-nbd | blockd / qemu-nbd | raw io_uring (limit) | blockd % of limit | qemu-nbd % of limit |")
 print("|---|---|---|---|---|---|---|---|")
