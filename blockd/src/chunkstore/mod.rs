@@ -929,12 +929,27 @@ impl ChunkStore {
             return Ok(());
         }
         c.dirty.store(false, Ordering::Release);
+        if let Err(e) = self.write_record_copy(c, false).await {
+            self.mark_dirty(c);
+            return Err(self.io_error(e));
+        }
+        Ok(())
+    }
+
+    /// Writes the next generation of a chunk's record (or a free record) into the copy it
+    /// belongs to; the other copy keeps the previous generation in case this write tears.
+    async fn write_record_copy(&self, c: &Chunk, free: bool) -> std::io::Result<()> {
         let disk = &self.disks[c.disk];
         let (bytes, off) = {
             let mut rec = c.rec.lock().unwrap();
             rec.gen += 1;
+            let bytes = if free {
+                SlotRecord::encode_free(rec.gen)
+            } else {
+                rec.encode()
+            };
             (
-                rec.encode(),
+                bytes,
                 disk.geo.record_offset(c.slot) + SlotRecord::copy_offset(rec.gen),
             )
         };
@@ -949,11 +964,7 @@ impl ChunkStore {
                 false,
             )
             .await;
-        if let Err(e) = r {
-            self.mark_dirty(c);
-            return Err(self.io_error(e));
-        }
-        Ok(())
+        r
     }
 
     /// Makes every completed write durable: records of changed chunks, then fdatasync.
@@ -993,27 +1004,9 @@ impl ChunkStore {
             c.locks.close().await;
             let _p = c.persist.lock().await;
             c.deleted.store(true, Ordering::Release);
-            let disk = &self.disks[c.disk];
-            let (bytes, off) = {
-                let mut rec = c.rec.lock().unwrap();
-                rec.gen += 1;
-                (
-                    SlotRecord::encode_free(rec.gen),
-                    disk.geo.record_offset(c.slot) + SlotRecord::copy_offset(rec.gen),
-                )
-            };
-            let (_, r) = self
-                .engine
-                .write(
-                    &disk.meta,
-                    off,
-                    Buf::Vec(bytes),
-                    0,
-                    COPY_SIZE as usize,
-                    false,
-                )
-                .await;
-            r.map_err(|e| self.io_error(e))?;
+            self.write_record_copy(c, true)
+                .await
+                .map_err(|e| self.io_error(e))?;
         }
         for d in &self.disks {
             self.engine
