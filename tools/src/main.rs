@@ -1,5 +1,6 @@
 //! fabctl: the one CLI for Fabric operators.
 
+mod size;
 mod table;
 mod up;
 
@@ -15,7 +16,7 @@ use volume_mgr::client::Client;
     about = "Operate a Fabric cluster: volumes, nodes, disks; `fabctl up` for one host"
 )]
 struct Cli {
-    /// volume-mgr URL(s), comma-separated.
+    /// volume-mgr URL(s), comma-separated (tried in order): http://HOST:PORT.
     #[arg(
         long,
         global = true,
@@ -56,7 +57,8 @@ enum VolumeCmd {
     /// Create a volume.
     Create {
         name: String,
-        /// Size: bytes or with a binary unit: 512M, 10G, 1.5T (must be a multiple of 4 KiB).
+        /// Size: bytes, or a number with a binary unit (K = 1024): 512M, 10G, 1.5T, 10GiB.
+        /// Must be a multiple of 4 KiB.
         #[arg(long)]
         size: String,
     },
@@ -80,9 +82,27 @@ enum DiskCmd {
     Ls,
 }
 
-/// Parses `4096`, `64K`, `512M`, `10G`, `1.5T` (binary units: K = 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    blockd::chunkstore::parse_size(s)
+pub use size::parse_size;
+
+/// The `--manager` value: one or more `http://HOST:PORT` URLs, comma-separated.
+fn manager_urls(arg: &str) -> anyhow::Result<Vec<String>> {
+    let urls: Vec<String> = arg
+        .split(',')
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if urls.is_empty() {
+        anyhow::bail!("--manager is empty: give http://HOST:PORT");
+    }
+    for u in &urls {
+        let host = u.strip_prefix("http://").ok_or_else(|| {
+            anyhow::anyhow!("--manager {u:?}: expected http://HOST:PORT (https is not supported)")
+        })?;
+        if host.is_empty() || host.contains('/') {
+            anyhow::bail!("--manager {u:?}: expected http://HOST:PORT, without a path");
+        }
+    }
+    Ok(urls)
 }
 
 pub fn human(bytes: u64) -> String {
@@ -119,13 +139,7 @@ fn volume_rows(vs: &[api::Volume]) -> Vec<Vec<String>> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(
-        cli.manager
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-    );
+    let client = Client::new(manager_urls(&cli.manager)?);
     let json = cli.output == Output::Json;
     match cli.cmd {
         Cmd::Up(_) => unreachable!("handled before the runtime starts"),
@@ -269,10 +283,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_humans() {
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
-        assert!(parse_size("lots").is_err());
+    fn manager_urls_are_checked() {
+        assert_eq!(
+            manager_urls("http://a:1/, http://b:2").unwrap(),
+            vec!["http://a:1", "http://b:2"]
+        );
+        for bad in ["", ",", "a:1", "https://a:1", "http://", "http://a:1/v1"] {
+            assert!(manager_urls(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn humans() {
         assert_eq!(human(1 << 30), "1 GiB");
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human(10), "10 B");

@@ -130,7 +130,7 @@ impl Client {
     ) -> Result<api::Node, ClientError> {
         self.call(
             Method::PUT,
-            &format!("/v1/nodes/{name}"),
+            &format!("/v1/nodes/{}", seg(name)),
             Some(req),
             Duration::from_secs(10),
         )
@@ -141,7 +141,7 @@ impl Client {
     pub async fn heartbeat(&self, name: &str, hb: &api::Heartbeat) -> Result<(), ClientError> {
         self.call::<_, serde_json::Value>(
             Method::PUT,
-            &format!("/v1/nodes/{name}/heartbeat"),
+            &format!("/v1/nodes/{}/heartbeat", seg(name)),
             Some(hb),
             Duration::from_secs(5),
         )
@@ -154,7 +154,7 @@ impl Client {
     }
 
     pub async fn get_node(&self, name: &str) -> Result<api::Node, ClientError> {
-        self.get(&format!("/v1/nodes/{name}")).await
+        self.get(&format!("/v1/nodes/{}", seg(name))).await
     }
 
     pub async fn list_disks(&self) -> Result<api::List<api::Disk>, ClientError> {
@@ -193,7 +193,7 @@ impl Client {
     }
 
     pub async fn get_volume(&self, name: &str) -> Result<api::Volume, ClientError> {
-        self.get(&format!("/v1/volumes/{name}")).await
+        self.get(&format!("/v1/volumes/{}", seg(name))).await
     }
 
     /// Takes (or keeps) the volume's writer lease for `node`.
@@ -203,7 +203,7 @@ impl Client {
         };
         self.call(
             Method::POST,
-            &format!("/v1/volumes/{volume}/lease"),
+            &format!("/v1/volumes/{}/lease", seg(volume)),
             Some(&req),
             Duration::from_secs(10),
         )
@@ -212,19 +212,36 @@ impl Client {
     }
 
     pub async fn get_lease(&self, volume: &str) -> Result<api::Lease, ClientError> {
-        self.get(&format!("/v1/volumes/{volume}/lease")).await
+        self.get(&format!("/v1/volumes/{}/lease", seg(volume)))
+            .await
     }
 
     pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
         self.call::<(), serde_json::Value>(
             Method::DELETE,
-            &format!("/v1/volumes/{name}"),
+            &format!("/v1/volumes/{}", seg(name)),
             None,
             Duration::from_secs(30),
         )
         .await
         .map(|_| ())
     }
+}
+
+/// Percent-encodes one path segment, so that any name reaches the server as typed (and gets
+/// its validation answer) instead of being taken for another route.
+fn seg(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    // `.` and `..` would still be taken as path steps (even escaped, per the URL standard);
+    // no valid name starts with a dot, and the server answers those with a 404 `not_found`.
+    out
 }
 
 fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
@@ -243,5 +260,15 @@ fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
                 .unwrap_or("")
                 .to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(super::seg("vm1-disk.0_a"), "vm1-disk.0_a");
+        assert_eq!(super::seg("a/b c?d"), "a%2Fb%20c%3Fd");
+        assert_eq!(super::seg("é"), "%C3%A9");
     }
 }

@@ -45,10 +45,23 @@ struct File {
 
 fn config(a: Args) -> Result<Config, String> {
     let f: File = match &a.config {
-        Some(p) => toml::from_str(
-            &std::fs::read_to_string(p).map_err(|e| format!("config {}: {e}", p.display()))?,
-        )
-        .map_err(|e| format!("config {}: {e}", p.display()))?,
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| format!("config {}: {e}", p.display()))?;
+            toml::from_str(&text).map_err(|e| {
+                // One line: `config FILE:LINE: message` (toml's own Display draws a snippet).
+                let line = e
+                    .span()
+                    .map(|s| {
+                        format!(
+                            ":{}",
+                            text[..s.start.min(text.len())].matches('\n').count() + 1
+                        )
+                    })
+                    .unwrap_or_default();
+                format!("config {}{line}: {}", p.display(), e.message().trim())
+            })?
+        }
         None => File::default(),
     };
     match a.store.or(f.store).as_deref() {
@@ -68,12 +81,18 @@ fn config(a: Args) -> Result<Config, String> {
         listen,
         data_dir: a.data_dir.or(f.data_dir).ok_or("--data-dir is required")?,
         down_after: match a.down_after.or(f.down_after) {
-            Some(s) => {
-                volume_mgr::humantime_serde::parse(&s).map_err(|e| format!("down-after: {e}"))?
-            }
+            Some(s) => match volume_mgr::humantime_serde::parse(&s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => return Err("down-after must be more than 0".into()),
+                Err(e) => return Err(format!("down-after: {e}")),
+            },
             None => d.down_after,
         },
-        overcommit: a.overcommit.or(f.overcommit).unwrap_or(d.overcommit),
+        overcommit: match a.overcommit.or(f.overcommit) {
+            Some(o) if o > 0.0 && o.is_finite() => o,
+            Some(o) => return Err(format!("overcommit must be a positive number, got {o}")),
+            None => d.overcommit,
+        },
     })
 }
 
@@ -118,5 +137,91 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cfg(args: &[&str]) -> Result<Config, String> {
+        config(
+            Args::try_parse_from(std::iter::once("volume-mgr").chain(args.iter().copied()))
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let c = cfg(&["--data-dir", "/d"]).unwrap();
+        assert_eq!(
+            c,
+            Config {
+                data_dir: "/d".into(),
+                ..Config::default()
+            }
+        );
+        let c = cfg(&[
+            "--data-dir",
+            "/d",
+            "--listen",
+            "0.0.0.0:1",
+            "--down-after",
+            "1500ms",
+            "--overcommit",
+            "2.5",
+            "--store",
+            "embedded",
+        ])
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:1");
+        assert_eq!(c.down_after, Duration::from_millis(1500));
+        assert_eq!(c.overcommit, 2.5);
+    }
+
+    #[test]
+    fn config_file_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:9\"\ndata-dir = \"/from-file\"\ndown-after = \"2m\"\novercommit = 3.0\n",
+        )
+        .unwrap();
+        let p = f.to_str().unwrap();
+        let c = cfg(&["--config", p]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9");
+        assert_eq!(c.data_dir, std::path::PathBuf::from("/from-file"));
+        assert_eq!(c.down_after, Duration::from_secs(120));
+        assert_eq!(c.overcommit, 3.0);
+        let c = cfg(&[
+            "--config",
+            p,
+            "--listen",
+            "127.0.0.1:10",
+            "--down-after",
+            "7s",
+        ])
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:10");
+        assert_eq!(c.down_after, Duration::from_secs(7));
+        assert_eq!(c.data_dir, std::path::PathBuf::from("/from-file"));
+        std::fs::write(&f, "data-dir = \"/x\"\nlisten_addr = \"1\"\n").unwrap();
+        let e = cfg(&["--config", p]).unwrap_err();
+        assert!(e.contains("unknown field") && e.contains("m.toml"), "{e}");
+    }
+
+    #[test]
+    fn clear_errors() {
+        let e = |args: &[&str]| cfg(args).unwrap_err();
+        assert!(e(&[]).contains("--data-dir is required"));
+        assert!(e(&["--data-dir", "/d", "--store", "etcd"]).contains("not supported yet"));
+        assert!(e(&["--data-dir", "/d", "--store", "zk"]).contains("embedded or etcd"));
+        assert!(e(&["--data-dir", "/d", "--listen", "nowhere"]).contains("IP:PORT"));
+        assert!(e(&["--data-dir", "/d", "--down-after", "5 parsecs"]).contains("down-after"));
+        assert!(e(&["--data-dir", "/d", "--down-after", "0s"]).contains("more than 0"));
+        assert!(e(&["--data-dir", "/d", "--overcommit", "0"]).contains("positive"));
+        assert!(e(&["--config", "/nonexistent/m.toml"]).contains("/nonexistent/m.toml"));
     }
 }

@@ -1,12 +1,20 @@
 //! The `/v1` HTTP/JSON API (axum). Mutations are serialised and committed to the store before
 //! they are acknowledged; liveness (heartbeats) lives in memory, so a heartbeat costs no disk
 //! write and a restarted manager sees every node as down until it beats again.
+//!
+//! Every error is an `api::ApiError` `{code, message}` (one line): 400 `invalid_argument`
+//! (bad name, size, address, query, path or JSON), 415 `unsupported_media_type`, 404
+//! `not_found` (also unknown routes), 405 `method_not_allowed`, 409 `already_exists`, 409
+//! `conflict` (a concurrent change; retry), 507 `no_capacity` (chosen over 409: it is the
+//! cluster that is short of space, not the request that clashes with state; the message says
+//! how much is provisioned of what), 503 `store_unavailable`.
 
 use crate::api::{self, ApiError};
 use crate::metrics::Metrics;
 use crate::store::{Cond, Kind, Op, Store, StoreError};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -75,6 +83,8 @@ pub struct App {
     volume_rev: tokio::sync::watch::Sender<u64>,
     mutate: tokio::sync::Mutex<()>,
     live: Mutex<HashMap<String, Live>>,
+    /// Set once shutdown begins: long-polls answer at once instead of holding it up.
+    stopping: tokio::sync::watch::Sender<bool>,
     pub metrics: Metrics,
 }
 
@@ -119,6 +129,40 @@ impl From<StoreError> for Error {
         }
     }
 }
+/// A JSON request body. Every rejection (wrong content type, bad syntax, missing, mistyped or
+/// unknown field) comes out as an `ApiError`: 415 `unsupported_media_type` or
+/// 400 `invalid_argument`.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => Err(json_err(r)),
+        }
+    }
+}
+
+/// The `{name}` path segment; a bad one (e.g. invalid UTF-8) is a 400 `ApiError`.
+pub struct Name(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Name {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(n)) => Ok(Name(n)),
+            Err(e) => Err(bad(format!("bad path: {}", one_line(&e.body_text())))),
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
 fn json_err(r: JsonRejection) -> Error {
     let status = r.status();
     let code = if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
@@ -159,18 +203,15 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 type AppState = Arc<App>;
 type ApiResult<T> = Result<T, Error>;
 
+/// Node names follow the volume name rules: 1 to 64 of `[A-Za-z0-9._-]`, not starting with
+/// `.` or `-` (host names fit; `.` and `..` could not be addressed in a URL path).
 fn validate_node_name(n: &str) -> ApiResult<()> {
-    if n.is_empty()
-        || n.len() > 64
-        || !n
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(bad(format!(
-            "invalid node name {n:?}: 1-64 of A-Z a-z 0-9 - _ ."
-        )));
-    }
-    Ok(())
+    api::validate_volume_name(n).map_err(|e| {
+        bad(format!(
+            "invalid node name {n:?}: {}",
+            e.trim_start_matches("volume name ")
+        ))
+    })
 }
 
 fn validate_addr(what: &str, a: &str, allow_empty: bool) -> ApiResult<()> {
@@ -183,10 +224,9 @@ fn validate_addr(what: &str, a: &str, allow_empty: bool) -> ApiResult<()> {
 
 async fn register(
     State(app): State<AppState>,
-    Path(name): Path<String>,
-    body: Result<Json<api::RegisterNode>, JsonRejection>,
+    Name(name): Name,
+    Body(req): Body<api::RegisterNode>,
 ) -> ApiResult<Json<api::Node>> {
-    let Json(req) = body.map_err(json_err)?;
     validate_node_name(&name)?;
     validate_addr("address", &req.address, false)?;
     validate_addr("nbd_address", &req.nbd_address, true)?;
@@ -249,10 +289,9 @@ async fn register(
 
 async fn heartbeat(
     State(app): State<AppState>,
-    Path(name): Path<String>,
-    body: Result<Json<api::Heartbeat>, JsonRejection>,
+    Name(name): Name,
+    Body(hb): Body<api::Heartbeat>,
 ) -> ApiResult<StatusCode> {
-    let Json(hb) = body.map_err(json_err)?;
     if app.store.get(Kind::Node, &name)?.is_none() {
         return Err(not_found(format!("node {name} is not registered")));
     }
@@ -285,10 +324,7 @@ async fn list_nodes(State(app): State<AppState>) -> ApiResult<Json<api::List<api
     Ok(Json(api::List { revision, items }))
 }
 
-async fn get_node(
-    State(app): State<AppState>,
-    Path(name): Path<String>,
-) -> ApiResult<Json<api::Node>> {
+async fn get_node(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Node>> {
     let b = app
         .store
         .get(Kind::Node, &name)?
@@ -321,9 +357,8 @@ async fn list_disks(State(app): State<AppState>) -> ApiResult<Json<api::List<api
 
 async fn create_volume(
     State(app): State<AppState>,
-    body: Result<Json<api::CreateVolume>, JsonRejection>,
+    Body(req): Body<api::CreateVolume>,
 ) -> ApiResult<(StatusCode, Json<api::Volume>)> {
-    let Json(req) = body.map_err(json_err)?;
     api::validate_volume_name(&req.name).map_err(bad)?;
     if req.size == 0 || req.size % 4096 != 0 {
         return Err(bad(format!(
@@ -346,7 +381,7 @@ async fn create_volume(
         ));
     }
     let (_, ds) = disks(&app)?;
-    let capacity: u64 = ds.iter().map(|d| d.capacity).sum();
+    let capacity = ds.iter().fold(0u64, |a, d| a.saturating_add(d.capacity));
     if capacity == 0 {
         return Err(Error(
             StatusCode::INSUFFICIENT_STORAGE,
@@ -357,7 +392,7 @@ async fn create_volume(
     let (_, vols) = app.store.list(Kind::Volume)?;
     let mut provisioned = 0u64;
     for (_, b) in &vols {
-        provisioned += decode::<api::Volume>(b)?.size;
+        provisioned = provisioned.saturating_add(decode::<api::Volume>(b)?.size);
     }
     let limit = (capacity as f64 * app.cfg.overcommit) as u64;
     if provisioned.saturating_add(req.size) > limit {
@@ -417,7 +452,11 @@ async fn list_volumes(
     if let Some(after) = q.after_revision {
         let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(60_000));
         let mut rx = app.volume_rev.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > after)).await;
+        let mut stop = app.stopping.subscribe();
+        tokio::select! {
+            _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r > after)) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
     }
     let (revision, items) = app.store.list(Kind::Volume)?;
     let items = items
@@ -427,10 +466,7 @@ async fn list_volumes(
     Ok(Json(api::List { revision, items }))
 }
 
-async fn get_volume(
-    State(app): State<AppState>,
-    Path(name): Path<String>,
-) -> ApiResult<Json<api::Volume>> {
+async fn get_volume(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Volume>> {
     let b = app
         .store
         .get(Kind::Volume, &name)?
@@ -438,10 +474,7 @@ async fn get_volume(
     Ok(Json(decode(&b)?))
 }
 
-async fn delete_volume(
-    State(app): State<AppState>,
-    Path(name): Path<String>,
-) -> ApiResult<StatusCode> {
+async fn delete_volume(State(app): State<AppState>, Name(name): Name) -> ApiResult<StatusCode> {
     let _g = app.mutate.lock().await;
     let cur = app
         .store
@@ -466,10 +499,9 @@ async fn delete_volume(
 /// The new epoch is durable before it is returned, so no two holders ever share an epoch.
 async fn acquire_lease(
     State(app): State<AppState>,
-    Path(name): Path<String>,
-    body: Result<Json<api::LeaseRequest>, JsonRejection>,
+    Name(name): Name,
+    Body(req): Body<api::LeaseRequest>,
 ) -> ApiResult<Json<api::Lease>> {
-    let Json(req) = body.map_err(json_err)?;
     validate_node_name(&req.node)?;
     let _g = app.mutate.lock().await;
     if app.store.get(Kind::Volume, &name)?.is_none() {
@@ -496,10 +528,7 @@ async fn acquire_lease(
     Ok(Json(lease))
 }
 
-async fn get_lease(
-    State(app): State<AppState>,
-    Path(name): Path<String>,
-) -> ApiResult<Json<api::Lease>> {
+async fn get_lease(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Lease>> {
     let b = app
         .store
         .get(Kind::Lease, &name)?
@@ -637,6 +666,7 @@ pub fn open_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Arc<App>, S
         volume_rev,
         mutate: tokio::sync::Mutex::new(()),
         live: Mutex::new(HashMap::new()),
+        stopping: tokio::sync::watch::channel(false).0,
         metrics: Metrics::default(),
     }))
 }
@@ -655,7 +685,10 @@ fn new_cluster_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Opens the state under `cfg.data_dir` and serves the API on `listener` until `shutdown`
+/// resolves; then stops accepting, answers pending long-polls at once, lets in-flight requests
+/// finish and returns. Every acknowledged change is already durable, so there is nothing
+/// to flush.
 pub async fn serve(
     cfg: Config,
     listener: tokio::net::TcpListener,
@@ -663,8 +696,13 @@ pub async fn serve(
 ) -> Result<(), String> {
     let app = open(cfg)?;
     tracing::info!(addr = ?listener.local_addr().ok(), cluster_id = %app.cluster_id, "volume-mgr serving");
+    let stopping = app.clone();
     axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("volume-mgr shutting down");
+            stopping.stopping.send_replace(true);
+        })
         .await
         .map_err(|e| e.to_string())
 }

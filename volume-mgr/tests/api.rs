@@ -2,48 +2,12 @@
 //! a JSON `{code, message}`, watches wake on change, node liveness follows heartbeats, and
 //! kill -9 right after an acknowledged change loses nothing.
 
+mod common;
+
+use common::start;
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Mgr {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Mgr {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &std::path::Path, extra: &[&str]) -> Mgr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_volume-mgr"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let t = Instant::now();
-    while reqwest::blocking::get(format!("{url}/healthz")).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "volume-mgr did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Mgr { child, url }
-}
 
 fn call(c: &Client, method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
     let mut rq = c.request(method.parse().unwrap(), url);
@@ -125,7 +89,71 @@ fn every_bad_request_gets_a_clear_4xx() {
         404,
         "not_found",
     );
+    for (name, body) in [
+        // used > capacity
+        (
+            "n1",
+            json!({"address": "127.0.0.1:1", "nbd_address": "", "disks": [{"path": "/d", "capacity": 1, "used": 2}]}),
+        ),
+        // empty disk path
+        (
+            "n1",
+            json!({"address": "127.0.0.1:1", "nbd_address": "", "disks": [{"path": "", "capacity": 1, "used": 0}]}),
+        ),
+        // bad NBD address
+        (
+            "n1",
+            json!({"address": "127.0.0.1:1", "nbd_address": "x:y", "disks": []}),
+        ),
+        // names that could not be addressed or are too long
+        (
+            ".hidden",
+            json!({"address": "127.0.0.1:1", "nbd_address": "", "disks": []}),
+        ),
+        (
+            &"n".repeat(65),
+            json!({"address": "127.0.0.1:1", "nbd_address": "", "disks": []}),
+        ),
+        // missing field, unknown field
+        ("n1", json!({"address": "127.0.0.1:1", "disks": []})),
+        (
+            "n1",
+            json!({"address": "127.0.0.1:1", "nbd_address": "", "disks": [], "x": 1}),
+        ),
+    ] {
+        expect_err(
+            call(&c, "PUT", &format!("{}/v1/nodes/{name}", m.url), Some(body)),
+            400,
+            "invalid_argument",
+        );
+    }
+    let r = c
+        .put(format!("{}/v1/nodes/n1", m.url))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    assert_eq!(r.json::<Value>().unwrap()["code"], "unsupported_media_type");
+    expect_err(
+        call(&c, "GET", &format!("{}/v1/nodes/n1", m.url), None),
+        404,
+        "not_found",
+    );
     assert_eq!(register(&c, &m.url, "n1", 1 << 30).0, 200);
+    let r = c
+        .put(format!("{}/v1/nodes/n1/heartbeat", m.url))
+        .header("content-type", "application/json")
+        .body("[1,2")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.json::<Value>().unwrap()["code"], "invalid_argument");
+    // A path segment that is not UTF-8.
+    expect_err(
+        call(&c, "GET", &format!("{}/v1/volumes/%FF", m.url), None),
+        400,
+        "invalid_argument",
+    );
     // Volume validation.
     expect_err(
         call(
@@ -177,6 +205,16 @@ fn every_bad_request_gets_a_clear_4xx() {
         400,
         "invalid_argument",
     );
+    expect_err(
+        call(&c, "POST", &vols, Some(json!({"name": "a", "size": -1}))),
+        400,
+        "invalid_argument",
+    );
+    expect_err(
+        call(&c, "POST", &vols, Some(json!({"name": "a", "size": "1G"}))),
+        400,
+        "invalid_argument",
+    );
     let r = c
         .post(&vols)
         .header("content-type", "application/json")
@@ -184,6 +222,7 @@ fn every_bad_request_gets_a_clear_4xx() {
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.json::<Value>().unwrap()["code"], "invalid_argument");
     let r = c
         .post(&vols)
         .header("content-type", "text/plain")

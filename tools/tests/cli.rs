@@ -1,0 +1,432 @@
+//! `fabctl volume|node|disk …` as scripts and operators run it: the real fabctl binary against
+//! a real volume-mgr process. Tables by default, `-o json` for scripts, and every failure is
+//! exit 1 with one line `fabctl: reason` (usage errors: exit 2, as clap does).
+//!
+//! Which volume-mgr: the binary next to fabctl in the target directory. `cargo test` over the
+//! workspace (what `tests/run` and CI do) builds every workspace binary first, so it is there
+//! and fresh. `cargo test -p tools` alone builds only tools' binaries (checked with
+//! `--message-format=json`: no volume-mgr artifact); then, if no volume-mgr binary is there
+//! from an earlier build, the test runs the manager in-process (`volume_mgr::serve`, the same
+//! code `fabctl up` runs) and says so on stderr (`FABRIC_TEST_MANAGER=in-process` forces
+//! that). A binary left by an earlier build may be older than the library; run the workspace
+//! tests after changing volume-mgr.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use volume_mgr::api;
+
+enum Manager {
+    Process(Child),
+    InProcess(
+        Option<tokio::sync::oneshot::Sender<()>>,
+        Option<std::thread::JoinHandle<()>>,
+    ),
+}
+
+struct Mgr {
+    url: String,
+    _kind: Manager,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mgr {
+    fn drop(&mut self) {
+        match &mut self._kind {
+            Manager::Process(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Manager::InProcess(stop, t) => {
+                if let Some(s) = stop.take() {
+                    let _ = s.send(());
+                }
+                if let Some(t) = t.take() {
+                    let _ = t.join();
+                }
+            }
+        }
+    }
+}
+
+fn fabctl_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_fabctl"))
+}
+
+fn volume_mgr_bin() -> Option<PathBuf> {
+    // FABRIC_TEST_MANAGER=in-process forces the fallback (to test it).
+    if std::env::var("FABRIC_TEST_MANAGER").is_ok_and(|v| v == "in-process") {
+        return None;
+    }
+    let p = fabctl_bin().parent()?.join("volume-mgr");
+    p.is_file().then_some(p)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_manager() -> Mgr {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let kind = match volume_mgr_bin() {
+        Some(bin) => Manager::Process(
+            Command::new(bin)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ),
+        None => {
+            eprintln!("cli test: no volume-mgr binary next to fabctl; running it in-process");
+            let cfg = volume_mgr::Config {
+                listen: format!("127.0.0.1:{port}"),
+                data_dir: dir.path().to_path_buf(),
+                ..Default::default()
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let t = std::thread::spawn(move || {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async move {
+                    let l = tokio::net::TcpListener::bind(&cfg.listen).await.unwrap();
+                    volume_mgr::serve(cfg, l, async move {
+                        let _ = rx.await;
+                    })
+                    .await
+                    .unwrap();
+                });
+            });
+            Manager::InProcess(Some(tx), Some(t))
+        }
+    };
+    let m = Mgr {
+        url,
+        _kind: kind,
+        _dir: dir,
+    };
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "volume-mgr did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m
+}
+
+/// Registers node `name` with one disk of `capacity` bytes, as blockd would.
+fn register(m: &Mgr, name: &str, capacity: u64) {
+    let c = volume_mgr::client::Client::new(vec![m.url.clone()]);
+    let req = api::RegisterNode {
+        address: "127.0.0.1:7800".into(),
+        nbd_address: "127.0.0.1:10809".into(),
+        nbd_socket: None,
+        zone: Some("rack1".into()),
+        disks: vec![api::DiskSpec {
+            path: format!("/srv/{name}/disk0.img"),
+            capacity,
+            used: 3 << 30,
+        }],
+    };
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(c.register_node(name, &req))
+        .unwrap();
+}
+
+fn fabctl(m: &Mgr, args: &[&str]) -> Output {
+    Command::new(fabctl_bin())
+        .env_remove("FABRIC_MANAGER")
+        .args(["--manager", &m.url])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(m: &Mgr, args: &[&str]) -> String {
+    let o = fabctl(m, args);
+    assert!(
+        o.status.success(),
+        "fabctl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn json(m: &Mgr, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["-o", "json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&ok(m, &a)).unwrap()
+}
+
+/// Fails with exit 1 and exactly one line `fabctl: …` on stderr, nothing on stdout; returns it.
+fn fails(o: Output) -> String {
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(o.stdout.is_empty());
+    assert!(
+        err.starts_with("fabctl: ") && err.ends_with('\n') && err.lines().count() == 1,
+        "{err:?}"
+    );
+    err.trim_end().to_string()
+}
+
+/// The start column of each header in a table's first line.
+fn columns(table: &str) -> Vec<usize> {
+    let head = table.lines().next().unwrap();
+    let mut cols = vec![0];
+    let b = head.as_bytes();
+    for i in 1..b.len() {
+        if b[i] != b' ' && b[i - 1] == b' ' {
+            cols.push(i);
+        }
+    }
+    cols
+}
+
+fn assert_aligned(table: &str, cells: &[&str]) {
+    let cols = columns(table);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(cells[0]))
+        .unwrap_or_else(|| panic!("no row {} in\n{table}", cells[0]));
+    for (c, want) in cols.iter().zip(cells) {
+        assert!(
+            row[*c..].starts_with(want),
+            "{want:?} not at column {c}:\n{table}"
+        );
+    }
+}
+
+#[test]
+fn volumes_nodes_and_disks() {
+    let m = start_manager();
+    // An empty cluster: tables have their headers, JSON is an empty list.
+    assert_eq!(
+        ok(&m, &["volume", "ls"]).trim(),
+        "NAME  ID  SIZE  REPLICAS  CHUNK"
+    );
+    assert_eq!(json(&m, &["node", "ls"]), serde_json::json!([]));
+    register(&m, "host-a", 1 << 40);
+    register(&m, "b", 1 << 40);
+
+    let nodes = ok(&m, &["node", "ls"]);
+    assert!(nodes.starts_with("NAME"), "{nodes}");
+    assert_aligned(
+        &nodes,
+        &["host-a", "up", "rack1", "127.0.0.1:7800", "127.0.0.1:10809"],
+    );
+    assert_aligned(&nodes, &["b ", "up", "rack1"]);
+    let n = json(&m, &["node", "ls"]);
+    assert_eq!(n[1]["name"], "host-a");
+    assert_eq!(n[1]["state"], "up");
+    let disks = ok(&m, &["disk", "ls"]);
+    assert_aligned(
+        &disks,
+        &["host-a", "/srv/host-a/disk0.img", "1 TiB", "3 GiB", "0.3%"],
+    );
+    let d = json(&m, &["disk", "ls"]);
+    assert_eq!(d[0]["capacity"], 1u64 << 40);
+
+    // Create, in the sizes operators type.
+    for (name, size, bytes, human) in [
+        ("vm1", "10G", 10u64 << 30, "10 GiB"),
+        ("vm2", "1.5G", 3 << 29, "1.5 GiB"),
+        ("scratch", "512M", 512 << 20, "512 MiB"),
+        ("tiny", "4096", 4096, "4 KiB"),
+        ("big", "1T", 1 << 40, "1 TiB"),
+    ] {
+        let out = ok(&m, &["volume", "create", name, "--size", size]);
+        assert!(
+            out.starts_with(&format!("created volume {name} ({human}, id ")),
+            "{out}"
+        );
+        assert_eq!(json(&m, &["volume", "show", name])["size"], bytes);
+    }
+    let v = json(&m, &["volume", "create", "j", "--size", "8M"]);
+    assert_eq!(
+        (v["name"].clone(), v["size"].clone(), v["id"].clone()),
+        (
+            serde_json::json!("j"),
+            serde_json::json!(8 << 20),
+            serde_json::json!(6)
+        )
+    );
+    assert_eq!(v["chunk_size"], api::DEFAULT_CHUNK_SIZE);
+
+    let table = ok(&m, &["volume", "ls"]);
+    assert_eq!(table.lines().count(), 7, "{table}");
+    assert_aligned(&table, &["NAME", "ID", "SIZE", "REPLICAS", "CHUNK"]);
+    assert_aligned(&table, &["scratch", "3", "512 MiB", "1", "4 MiB"]);
+    assert_aligned(&table, &["vm2", "2", "1.5 GiB", "1", "4 MiB"]);
+    let ls = json(&m, &["volume", "ls"]);
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["big", "j", "scratch", "tiny", "vm1", "vm2"]);
+
+    let show = ok(&m, &["volume", "show", "vm1"]);
+    assert!(show.contains("10 GiB (10737418240 bytes)"), "{show}");
+    assert!(show.contains("chunks      2560"), "{show}");
+    // -o json is the API's JSON.
+    let api_v: api::Volume = serde_json::from_value(json(&m, &["volume", "show", "vm1"])).unwrap();
+    assert_eq!((api_v.name.as_str(), api_v.id), ("vm1", 1));
+
+    assert_eq!(ok(&m, &["volume", "rm", "vm1"]), "deleted volume vm1\n");
+    assert_eq!(
+        json(&m, &["volume", "rm", "vm2"]),
+        serde_json::json!({"deleted": "vm2"})
+    );
+    let e = fails(fabctl(&m, &["volume", "show", "vm1"]));
+    assert_eq!(e, "fabctl: volume vm1 not found (not_found, HTTP 404)");
+    // Ids are never reused.
+    assert_eq!(
+        json(&m, &["volume", "create", "vm1", "--size", "1G"])["id"],
+        7
+    );
+}
+
+#[test]
+fn every_failure_is_exit_1_and_one_line() {
+    let m = start_manager();
+    // No disks yet.
+    let e = fails(fabctl(&m, &["volume", "create", "a", "--size", "1G"]));
+    assert!(e.contains("no_capacity"), "{e}");
+    register(&m, "n1", 4 << 30);
+    ok(&m, &["volume", "create", "a", "--size", "1G"]);
+    for (args, want) in [
+        (
+            &["volume", "create", "a", "--size", "1G"][..],
+            "already exists",
+        ),
+        (&["volume", "create", "b", "--size", "4G"], "no capacity"),
+        (
+            &["volume", "create", "b", "--size", "1000"],
+            "multiple of 4096",
+        ),
+        (
+            &["volume", "create", "b", "--size", "0"],
+            "multiple of 4096",
+        ),
+        (&["volume", "create", "b", "--size", "2P"], "1 PiB"),
+        (
+            &["volume", "create", "b", "--size", "lots"],
+            "invalid size \"lots\"",
+        ),
+        (&["volume", "create", "b", "--size", "10GB"], "ambiguous"),
+        (&["volume", "create", "b", "--size", "1.3K"], "whole number"),
+        (&["volume", "create", "b/c", "--size", "1G"], "allowed: A-Z"),
+        (
+            &["volume", "create", "-o", "json", ".x", "--size", "1G"],
+            "must not start",
+        ),
+        (&["volume", "show", "nope"], "volume nope not found"),
+        (&["volume", "rm", "nope"], "volume nope not found"),
+        (&["volume", "show", "a/b"], "not found"),
+    ] {
+        let e = fails(fabctl(&m, args));
+        assert!(e.contains(want), "fabctl {args:?}: {e}");
+    }
+    // Nothing half-made.
+    assert_eq!(json(&m, &["volume", "ls"]).as_array().unwrap().len(), 1);
+
+    // The manager is unreachable or misnamed.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let run = |manager: &str, args: &[&str]| {
+        Command::new(fabctl_bin())
+            .env_remove("FABRIC_MANAGER")
+            .args(["--manager", manager])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let e = fails(run(&dead, &["volume", "ls"]));
+    assert!(
+        e.starts_with(&format!("fabctl: cannot reach volume-mgr at {dead}: ")),
+        "{e}"
+    );
+    let e = fails(run("localhost:7700", &["node", "ls"]));
+    assert!(e.contains("expected http://HOST:PORT"), "{e}");
+}
+
+#[test]
+fn manager_from_env_flag_wins_and_default() {
+    let m = start_manager();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let o = Command::new(fabctl_bin())
+        .env("FABRIC_MANAGER", &m.url)
+        .args(["volume", "ls"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(fabctl_bin())
+        .env("FABRIC_MANAGER", &m.url)
+        .args(["--manager", &dead, "volume", "ls"])
+        .output()
+        .unwrap();
+    assert!(fails(o).contains(&dead));
+    // Without either: http://127.0.0.1:7700 (if something else listens there, fine; if not,
+    // the reason names the default URL).
+    let o = Command::new(fabctl_bin())
+        .env_remove("FABRIC_MANAGER")
+        .args(["volume", "ls"])
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        assert!(fails(o).contains("http://127.0.0.1:7700"));
+    }
+    let o = Command::new(fabctl_bin())
+        .env_remove("FABRIC_MANAGER")
+        .args(["--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        help.contains("http://127.0.0.1:7700") && help.contains("FABRIC_MANAGER"),
+        "{help}"
+    );
+}
+
+#[test]
+fn usage_errors_are_exit_2() {
+    for args in [
+        &["volume"][..],
+        &["volume", "create", "a"],
+        &["volume", "create", "--size", "1G"],
+        &["volume", "frobnicate"],
+        &["-o", "yaml", "volume", "ls"],
+        &["node", "ls", "extra"],
+        &[],
+    ] {
+        let o = Command::new(fabctl_bin())
+            .env_remove("FABRIC_MANAGER")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "fabctl {args:?}");
+    }
+    // Help documents the binary units.
+    let o = Command::new(fabctl_bin())
+        .args(["volume", "create", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(o.stdout).unwrap();
+    assert!(help.contains("K = 1024"), "{help}");
+}
