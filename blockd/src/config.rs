@@ -21,6 +21,9 @@ pub struct FileConfig {
     pub zone: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub worker_threads: Option<usize>,
+    pub secret_file: Option<PathBuf>,
+    pub replica_timeout: Option<String>,
+    pub min_replicas_wait: Option<String>,
 }
 
 /// The validated configuration blockd runs with.
@@ -40,6 +43,13 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Async worker threads (besides the io_uring thread).
     pub worker_threads: usize,
+    /// The cluster secret (shared by every blockd; the replica protocol authenticates peers
+    /// with it). None: only volumes whose replicas are all on this host can be served.
+    pub secret: Option<Vec<u8>>,
+    /// Longest wait for a replica's answer before it counts as failed.
+    pub replica_timeout: Duration,
+    /// How long I/O waits for `min_replicas` in-service replicas before failing with EIO.
+    pub min_replicas_wait: Duration,
 }
 
 /// Default async workers: half the CPUs (at least one). One worker per connection's tasks
@@ -82,6 +92,9 @@ impl FileConfig {
             zone: flags.zone.or(self.zone),
             heartbeat_interval: flags.heartbeat_interval.or(self.heartbeat_interval),
             worker_threads: flags.worker_threads.or(self.worker_threads),
+            secret_file: flags.secret_file.or(self.secret_file),
+            replica_timeout: flags.replica_timeout.or(self.replica_timeout),
+            min_replicas_wait: flags.min_replicas_wait.or(self.min_replicas_wait),
         }
     }
 
@@ -147,7 +160,30 @@ impl FileConfig {
                 "worker-threads must be 1..=1024, got {worker_threads}"
             ));
         }
+        let secret = match &self.secret_file {
+            None => None,
+            Some(p) => {
+                let b =
+                    std::fs::read(p).map_err(|e| format!("secret-file {}: {e}", p.display()))?;
+                let b: Vec<u8> = b.trim_ascii().to_vec();
+                if b.len() < 16 {
+                    return Err(format!(
+                        "secret-file {}: the cluster secret must be at least 16 bytes",
+                        p.display()
+                    ));
+                }
+                Some(b)
+            }
+        };
+        let replica_timeout = parse_duration(self.replica_timeout.as_deref().unwrap_or("5s"))?;
+        let min_replicas_wait = parse_duration(self.min_replicas_wait.as_deref().unwrap_or("30s"))?;
+        if replica_timeout.is_zero() {
+            return Err("replica-timeout must be positive".into());
+        }
         Ok(Config {
+            secret,
+            replica_timeout,
+            min_replicas_wait,
             manager,
             node,
             listen: addr("listen", self.listen.as_deref().unwrap_or("127.0.0.1:7800"))?,

@@ -4,7 +4,10 @@
 use crate::agent::{self, ManagerLookup};
 use crate::chunkstore::{ChunkStore, StoreError};
 use crate::config::Config;
+use crate::gateway::{self, GatewayConfig};
 use crate::nbdgw as nbd;
+use crate::replica::server::ReplicaServer;
+use crate::replica::service::ReplicaService;
 use crate::volume::VolumeCatalog;
 use std::future::Future;
 use std::sync::Arc;
@@ -43,18 +46,61 @@ pub async fn run(
     );
     let client = Client::new(cfg.manager.clone());
     let (verified, verified_rx) = tokio::sync::watch::channel(false);
-    let catalog: Arc<Catalog> = Arc::new(VolumeCatalog::new(
+    let service = Arc::new(ReplicaService::new(store.clone()));
+    let gw = gateway::Ctx::new(
+        GatewayConfig {
+            node: cfg.node.clone(),
+            replica_timeout: cfg.replica_timeout,
+            min_replicas_wait: cfg.min_replicas_wait,
+            secret: cfg.secret.clone(),
+        },
+        client.clone(),
+        service.clone(),
+    );
+    let catalog: Arc<Catalog> = Arc::new(VolumeCatalog::replicated(
         store.clone(),
         ManagerLookup {
             client: client.clone(),
-            verified: verified_rx,
+            verified: verified_rx.clone(),
         },
+        gw.clone(),
     ));
     let metrics = Arc::new(nbd::NbdMetrics::default());
 
     let mut tasks = tokio::task::JoinSet::new();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The replica protocol: bound now, served once the disks' cluster is verified and the
+    // fences are loaded from the manager's leases (so a restart forgets no fence).
+    if let Some(secret) = cfg.secret.clone() {
+        let l = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                what: "replica protocol",
+                addr: cfg.listen.to_string(),
+                source,
+            })?;
+        tracing::info!(addr = %cfg.listen, "replica protocol listening");
+        let service = service.clone();
+        let client = client.clone();
+        let node = cfg.node.clone();
+        let mut verified = verified_rx.clone();
+        tasks.spawn(async move {
+            if verified.wait_for(|v| *v).await.is_err() {
+                return;
+            }
+            load_fences(&client, &service).await;
+            let server = Arc::new(ReplicaServer {
+                cluster_id: service.store.cluster_id(),
+                service,
+                secret,
+                node,
+            });
+            server.serve(l).await;
+        });
+    } else {
+        tracing::warn!("no --secret-file: the replica protocol is off; only volumes whose replicas are all on this host can be served");
+    }
     if let Some(addr) = cfg.nbd_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -101,7 +147,7 @@ pub async fn run(
                 source,
             })?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
-        let app = http_router(store.clone(), metrics.clone());
+        let app = http_router(store.clone(), metrics.clone(), gw.clone());
         let mut rx = stop_rx.clone();
         tasks.spawn(async move {
             let _ = axum::serve(l, app)
@@ -140,7 +186,42 @@ pub async fn run(
     Ok(())
 }
 
-fn http_router(store: Arc<ChunkStore>, metrics: Arc<nbd::NbdMetrics>) -> axum::Router {
+/// Raises every volume's fence to its current lease epoch (retrying until the manager
+/// answers: serving replicas with no fences could let a fenced gateway write).
+async fn load_fences(client: &Client, service: &ReplicaService) {
+    let mut failures = 0u32;
+    loop {
+        let r = async {
+            let leases = client.list_leases().await?;
+            let vols = client.list_volumes().await?;
+            Ok::<_, volume_mgr::client::ClientError>((leases.items, vols.items))
+        }
+        .await;
+        match r {
+            Ok((leases, vols)) => {
+                for l in leases {
+                    if let Some(v) = vols.iter().find(|v| v.name == l.volume) {
+                        service.fences.admit(v.id, l.epoch);
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(30) {
+                    tracing::warn!(error = %e, "cannot load lease epochs yet; replica protocol waits");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+fn http_router(
+    store: Arc<ChunkStore>,
+    metrics: Arc<nbd::NbdMetrics>,
+    gw: Arc<gateway::Ctx>,
+) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -149,10 +230,12 @@ fn http_router(store: Arc<ChunkStore>, metrics: Arc<nbd::NbdMetrics>) -> axum::R
             get(move || {
                 let store = store.clone();
                 let metrics = metrics.clone();
+                let gw = gw.clone();
                 async move {
                     let mut out = String::new();
                     store.render_prometheus(&mut out);
                     metrics.render_prometheus(&mut out);
+                    gw.metrics.render_prometheus(&mut out);
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,

@@ -24,6 +24,9 @@ pub enum ExportError {
     /// The export is going away (volume removed, daemon stopping).
     #[error("export is shutting down")]
     Shutdown,
+    /// Another host took the volume's lease: this gateway may no longer do I/O.
+    #[error("the volume's lease moved to another host; I/O refused here")]
+    Fenced,
     /// Any other I/O failure.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -38,6 +41,7 @@ impl ExportError {
             ExportError::Unsupported => 95, // ENOTSUP
             ExportError::Corrupt { .. } => 5,
             ExportError::Shutdown => 108, // ESHUTDOWN
+            ExportError::Fenced => 1,     // EPERM
             ExportError::Io(e) => match e.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => 28,
                 Some(libc::EINVAL) => 22,

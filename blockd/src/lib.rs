@@ -7,6 +7,7 @@ pub mod chunkstore;
 pub mod config;
 pub mod daemon;
 pub mod export;
+pub mod gateway;
 pub mod nbdgw;
 pub mod replica;
 pub mod sys;

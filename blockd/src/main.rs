@@ -41,6 +41,15 @@ struct Args {
     /// Async worker threads [default: half the CPUs, at least 1]
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// File holding the cluster secret shared by every blockd (replica protocol auth).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Longest wait for a replica's answer before it counts as failed (default 5s).
+    #[arg(long)]
+    replica_timeout: Option<String>,
+    /// How long I/O waits for min_replicas in-service replicas before EIO (default 30s).
+    #[arg(long)]
+    min_replicas_wait: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +78,9 @@ fn main() -> std::process::ExitCode {
         zone: args.zone,
         heartbeat_interval: args.heartbeat_interval,
         worker_threads: args.worker_threads,
+        secret_file: args.secret_file,
+        replica_timeout: args.replica_timeout,
+        min_replicas_wait: args.min_replicas_wait,
     };
     let cfg = match file.overlay(flags).resolve() {
         Ok(c) => c,

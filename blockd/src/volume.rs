@@ -1,9 +1,12 @@
-//! A volume as an NBD export: a flat byte range split into 4 MiB chunks of the chunk store.
+//! A volume as an NBD export: a flat byte range split into 4 MiB chunks. In the daemon every
+//! chunk goes through the gateway to the volume's replicas (`gateway`); without a control
+//! plane (tests of the NBD server) the chunks live in the local chunk store only.
 
 use crate::buf::AlignedBuf;
 use crate::chunkstore::layout::{ChunkKey, SLOT_SIZE};
 use crate::chunkstore::ChunkStore;
 use crate::export::{Export, ExportCatalog, ExportError, ExportInfo, Extent, ZeroFlags};
+use crate::gateway::{Attached, Ctx, Op};
 use crate::uring::Buf;
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +25,9 @@ pub struct Volume {
     info: VolumeInfo,
     store: Arc<ChunkStore>,
     removed: AtomicBool,
+    /// Replicated mode: the gateway and the current attachment (lease).
+    gw: Option<Arc<Ctx>>,
+    attached: tokio::sync::Mutex<Option<Arc<Attached>>>,
 }
 
 /// One piece of a request that lies within one chunk.
@@ -62,6 +68,42 @@ impl Volume {
             info,
             store,
             removed: AtomicBool::new(false),
+            gw: None,
+            attached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn replicated(info: VolumeInfo, store: Arc<ChunkStore>, gw: Arc<Ctx>) -> Volume {
+        Volume {
+            gw: Some(gw),
+            ..Volume::new(info, store)
+        }
+    }
+
+    /// Takes the lease and readies the replicas (once; again after being fenced, which is
+    /// how a volume moves back to a host).
+    pub async fn attach(&self) -> Result<(), String> {
+        let Some(gw) = &self.gw else { return Ok(()) };
+        let mut g = self.attached.lock().await;
+        if let Some(a) = g.as_ref() {
+            if !a.is_fenced() {
+                return Ok(());
+            }
+            a.close();
+        }
+        let a = Attached::attach(gw.clone(), &self.info.name, self.info.id).await?;
+        *g = Some(a);
+        Ok(())
+    }
+
+    /// The current attachment (replicated mode).
+    async fn att(&self) -> Result<Option<Arc<Attached>>, ExportError> {
+        if self.gw.is_none() {
+            return Ok(None);
+        }
+        match self.attached.lock().await.as_ref() {
+            Some(a) => Ok(Some(a.clone())),
+            None => Err(ExportError::Shutdown),
         }
     }
 
@@ -91,6 +133,23 @@ impl Volume {
         fua: bool,
     ) -> Result<(), ExportError> {
         self.check(offset, len as u64)?;
+        if let Some(a) = self.att().await? {
+            let futs = pieces(self.info.id, offset, len as u64).map(|p| {
+                a.replicate(
+                    p.key.index,
+                    Op::Zero {
+                        off: p.off as u32,
+                        len: p.len as u32,
+                        punch,
+                        fua,
+                    },
+                )
+            });
+            for r in futures::future::join_all(futs).await {
+                r?;
+            }
+            return Ok(());
+        }
         let futs = pieces(self.info.id, offset, len as u64)
             .map(|p| self.store.zero(p.key, p.off, p.len, punch, fast, fua));
         for r in futures::future::join_all(futs).await {
@@ -109,6 +168,16 @@ impl Export for Volume {
         self.check(offset, len as u64)?;
         // Every byte is written below (data, or zeroes for what was never written).
         let mut buf = AlignedBuf::for_overwrite(len as usize);
+        if let Some(a) = self.att().await? {
+            for p in pieces(self.info.id, offset, len as u64) {
+                let (b, r) = a
+                    .read(p.key.index, p.off as u32, p.len as u32, buf, p.pos as usize)
+                    .await;
+                buf = b;
+                r?;
+            }
+            return Ok(buf);
+        }
         for p in pieces(self.info.id, offset, len as u64) {
             let (b, r) = self
                 .store
@@ -123,6 +192,25 @@ impl Export for Volume {
     async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), ExportError> {
         let len = data.len() as u64;
         self.check(offset, len)?;
+        if let Some(a) = self.att().await? {
+            let data = Arc::new(data);
+            let futs = pieces(self.info.id, offset, len).map(|p| {
+                a.replicate(
+                    p.key.index,
+                    Op::Write {
+                        off: p.off as u32,
+                        data: data.clone(),
+                        pos: p.pos as usize,
+                        len: p.len as usize,
+                        fua,
+                    },
+                )
+            });
+            for r in futures::future::join_all(futs).await {
+                r?;
+            }
+            return Ok(());
+        }
         let mut ps = pieces(self.info.id, offset, len).peekable();
         let first = match ps.next() {
             Some(p) => p,
@@ -163,6 +251,9 @@ impl Export for Volume {
         if self.removed.load(Ordering::Acquire) {
             return Err(ExportError::Shutdown);
         }
+        if let Some(a) = self.att().await? {
+            return a.flush().await;
+        }
         self.store.flush().await
     }
 
@@ -187,9 +278,16 @@ impl Export for Volume {
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, ExportError> {
         self.check(offset, len as u64)?;
+        let att = self.att().await?;
         let mut out: Vec<Extent> = Vec::new();
         for p in pieces(self.info.id, offset, len as u64) {
-            for (l, written) in self.store.allocation(p.key, p.off, p.len) {
+            // Replicated: the local copy tells, when it is an up-to-date one; otherwise the
+            // range is reported as data (always correct, just not sparse).
+            let runs = match &att {
+                Some(a) if !a.local_in_service(p.key.index) => vec![(p.len, true)],
+                _ => self.store.allocation(p.key, p.off, p.len),
+            };
+            for (l, written) in runs {
                 let e = Extent {
                     length: l,
                     hole: !written,
@@ -222,6 +320,7 @@ pub struct VolumeCatalog<L> {
     store: Arc<ChunkStore>,
     volumes: RwLock<HashMap<String, Arc<Volume>>>,
     lookup: L,
+    gw: Option<Arc<Ctx>>,
 }
 
 impl<L: VolumeLookup> VolumeCatalog<L> {
@@ -230,7 +329,23 @@ impl<L: VolumeLookup> VolumeCatalog<L> {
             store,
             volumes: RwLock::new(HashMap::new()),
             lookup,
+            gw: None,
         }
+    }
+
+    /// A catalog whose volumes are replicated through the gateway.
+    pub fn replicated(store: Arc<ChunkStore>, lookup: L, gw: Arc<Ctx>) -> Self {
+        VolumeCatalog {
+            gw: Some(gw),
+            ..Self::new(store, lookup)
+        }
+    }
+
+    fn make(&self, info: VolumeInfo) -> Arc<Volume> {
+        Arc::new(match &self.gw {
+            Some(gw) => Volume::replicated(info, self.store.clone(), gw.clone()),
+            None => Volume::new(info, self.store.clone()),
+        })
     }
 
     pub fn store(&self) -> &Arc<ChunkStore> {
@@ -246,6 +361,11 @@ impl<L: VolumeLookup> VolumeCatalog<L> {
             let keep = list.iter().any(|i| i == v.info());
             if !keep {
                 v.removed.store(true, Ordering::Release);
+                if let Ok(g) = v.attached.try_lock() {
+                    if let Some(a) = g.as_ref() {
+                        a.close();
+                    }
+                }
                 if !list.iter().any(|i| i.id == v.info.id) {
                     removed.push(v.info.id);
                 }
@@ -254,17 +374,18 @@ impl<L: VolumeLookup> VolumeCatalog<L> {
             keep
         });
         for i in list {
-            map.entry(i.name.clone())
-                .or_insert_with(|| Arc::new(Volume::new(i.clone(), self.store.clone())));
+            if !map.contains_key(&i.name) {
+                let v = self.make(i.clone());
+                map.insert(i.name.clone(), v);
+            }
         }
         removed
     }
 
     fn insert(&self, info: VolumeInfo) -> Arc<Volume> {
+        let v = self.make(info.clone());
         let mut map = self.volumes.write().unwrap();
-        map.entry(info.name.clone())
-            .or_insert_with(|| Arc::new(Volume::new(info, self.store.clone())))
-            .clone()
+        map.entry(info.name.clone()).or_insert(v).clone()
     }
 }
 
@@ -272,11 +393,19 @@ impl<L: VolumeLookup> ExportCatalog for VolumeCatalog<L> {
     type Export = Volume;
 
     async fn open(&self, name: &str) -> Option<Arc<Volume>> {
-        if let Some(v) = self.volumes.read().unwrap().get(name) {
-            return Some(v.clone());
+        let known = self.volumes.read().unwrap().get(name).cloned();
+        let v = match known {
+            Some(v) => v,
+            None => {
+                let info = self.lookup.lookup(name).await?;
+                self.insert(info)
+            }
+        };
+        if let Err(e) = v.attach().await {
+            tracing::error!(volume = name, error = %e, "cannot attach volume");
+            return None;
         }
-        let info = self.lookup.lookup(name).await?;
-        Some(self.insert(info))
+        Some(v)
     }
 
     async fn list(&self) -> Vec<ExportInfo> {

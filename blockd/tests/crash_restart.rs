@@ -130,6 +130,8 @@ fn sigkill_mid_write_loses_no_flushed_data() {
         match rt.block_on(client.create_volume(&volume_mgr::api::CreateVolume {
             name: "crash".into(),
             size: 64 << 20,
+            replicas: Some(1),
+            min_replicas: None,
         })) {
             Ok(_) => break,
             Err(e) => {
@@ -205,6 +207,8 @@ fn flush_on_one_connection_covers_writes_of_another() {
     while let Err(e) = rt.block_on(client.create_volume(&volume_mgr::api::CreateVolume {
         name: "mc".into(),
         size: 16 << 20,
+        replicas: Some(1),
+        min_replicas: None,
     })) {
         assert!(t.elapsed() < Duration::from_secs(20), "volume create: {e}");
         std::thread::sleep(Duration::from_millis(100));

@@ -4,8 +4,9 @@
 
 use blockd::chunkstore::{ChunkStore, DiskConfig};
 use blockd::replica::client::ReplicaClient;
-use blockd::replica::server::{Fences, ReplicaServer, ESTALE};
-use blockd::replica::wire::{Chunk, Message};
+use blockd::replica::server::{ReplicaServer, ESTALE};
+use blockd::replica::service::ReplicaService;
+use blockd::replica::wire::{self, Chunk, Message};
 use std::sync::Arc;
 
 const SECRET: &[u8] = b"cluster-secret";
@@ -19,11 +20,10 @@ async fn server(dir: &std::path::Path) -> String {
         .unwrap(),
     );
     let srv = Arc::new(ReplicaServer {
-        store,
+        service: Arc::new(ReplicaService::new(store)),
         secret: SECRET.to_vec(),
         cluster_id: "c1".into(),
         node: "r1".into(),
-        fences: Fences::default(),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -138,26 +138,43 @@ async fn authenticated_pipelined_io_with_fencing() {
     }
     assert_eq!(
         reply(
-            &c.request(&Message::Flush { epoch: 2 }, &[])
-                .await
-                .unwrap()
-                .msg
+            &c.request(
+                &Message::Flush {
+                    volume: 7,
+                    epoch: 2
+                },
+                &[]
+            )
+            .await
+            .unwrap()
+            .msg
         )
         .0,
         0
     );
     // Versions and checksums for resync.
     let f = c
-        .request(&Message::Versions { volume: 7 }, &[])
+        .request(
+            &Message::Versions {
+                volume: 7,
+                start: 0,
+                epoch: 0,
+            },
+            &[],
+        )
         .await
         .unwrap();
-    let Message::VersionList { entries } = f.msg else {
+    let Message::VersionList { entries, next } = f.msg else {
         panic!("{:?}", f.msg)
     };
+    assert_eq!(next, wire::END);
     assert_eq!(
-        entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+        entries.iter().map(|e| e.index).collect::<Vec<_>>(),
         vec![3, 10, 11, 12, 13]
     );
+    // Paging from an index on.
+    let all = c.versions(7, 0).await.unwrap();
+    assert_eq!(all, entries);
     let f = c.request(&Message::Checksums { chunk }, &[]).await.unwrap();
     assert_eq!(f.payload.len(), 1024 * 4);
     let crc1 = u32::from_le_bytes(f.payload[4..8].try_into().unwrap());
@@ -166,11 +183,21 @@ async fn authenticated_pipelined_io_with_fencing() {
         .request(&Message::Fetch { chunk, epoch: 2 }, &[])
         .await
         .unwrap();
-    assert_eq!(f.payload.len(), 4 << 20);
-    assert!(
-        f.payload[4096..4096 + 65536] == data[..],
-        "fetched chunk differs"
-    );
+    // A chunk image: the bitmap, then only the written blocks (here 16 of them at block 1).
+    let (bm, blocks) = wire::parse_image(&f.payload).unwrap();
+    assert!(!wire::bit(&bm, 0) && wire::bit(&bm, 1) && wire::bit(&bm, 16));
+    assert!(blocks[..65536] == data[..], "fetched chunk differs");
+    // Installing that image elsewhere (another chunk) reproduces the same state.
+    let other = Chunk {
+        volume: 7,
+        index: 99,
+    };
+    c.install(other, 2, 1234, &f.payload).await.unwrap();
+    let st = c.versions(7, 0).await.unwrap();
+    let a = st.iter().find(|e| e.index == chunk.index).unwrap();
+    let b = st.iter().find(|e| e.index == 99).unwrap();
+    assert_eq!(b.version, 1234);
+    assert_eq!(a.digest, b.digest, "installed copy differs from its source");
     // A newer epoch fences the older one, for writes and reads.
     let f = c
         .request(
@@ -262,7 +289,13 @@ async fn garbage_closes_only_that_connection() {
         .unwrap_or(0);
     assert_eq!(n, 0, "server closes a connection that sends garbage");
     let f = good
-        .request(&Message::Flush { epoch: 1 }, &[])
+        .request(
+            &Message::Flush {
+                volume: 0,
+                epoch: 1,
+            },
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(reply(&f.msg).0, 0);

@@ -80,6 +80,7 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         zone: None,
         heartbeat_interval: None,
         worker_threads: None,
+        ..Default::default()
     }
     .resolve()
     .map_err(anyhow::Error::msg)?;

@@ -100,6 +100,12 @@ pub struct CreateVolume {
     pub name: String,
     /// Bytes; must be a positive multiple of 4096.
     pub size: u64,
+    /// Replicas of every chunk (default: the manager's `--default-replicas`).
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// Fewest replicas a write may be acknowledged on (default: min(2, replicas)).
+    #[serde(default)]
+    pub min_replicas: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -111,7 +117,41 @@ pub struct Volume {
     pub size: u64,
     pub chunk_size: u64,
     pub replicas: u32,
+    #[serde(default)]
+    pub min_replicas: u32,
+    /// Placement: chunk `i` belongs to set `i % sets.len()`.
+    #[serde(default)]
+    pub sets: Vec<ChunkSet>,
     pub created_ms: u64,
+}
+
+/// The replicas of one chunk set, in placement order (best first).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkSet {
+    pub members: Vec<Member>,
+}
+
+/// One replica of a chunk set. In service = holds every acknowledged write.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub node: String,
+    pub in_service: bool,
+}
+
+/// `POST /v1/volumes/{name}/replicas`: the lease holder changes which replicas are in
+/// service (out: it failed; in: it was resynchronised).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaUpdate {
+    /// The caller's lease epoch; must be the current one.
+    pub epoch: u64,
+    pub node: String,
+    pub in_service: bool,
+    /// Set indices; None = every set that has `node`.
+    #[serde(default)]
+    pub sets: Option<Vec<u32>>,
 }
 
 /// Bytes for humans: `1 GiB`, `1.5 TiB`, `512 B`.

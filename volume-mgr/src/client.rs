@@ -211,6 +211,27 @@ impl Client {
         .ok_or_else(|| ClientError::Protocol("empty body".into()))
     }
 
+    /// Records replicas of a volume in or out of service (the lease holder only).
+    pub async fn update_replicas(
+        &self,
+        volume: &str,
+        req: &api::ReplicaUpdate,
+    ) -> Result<api::Volume, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/volumes/{}/replicas", seg(volume)),
+            Some(req),
+            Duration::from_secs(10),
+        )
+        .await?
+        .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    /// Every volume's lease.
+    pub async fn list_leases(&self) -> Result<api::List<api::Lease>, ClientError> {
+        self.get("/v1/leases").await
+    }
+
     pub async fn get_lease(&self, volume: &str) -> Result<api::Lease, ClientError> {
         self.get(&format!("/v1/volumes/{}/lease", seg(volume)))
             .await

@@ -420,6 +420,8 @@ async fn create_volume(
         size: req.size,
         chunk_size: api::DEFAULT_CHUNK_SIZE,
         replicas: 1,
+        min_replicas: 1,
+        sets: Vec::new(), // placement: being added (issue 3)
         created_ms: now_ms(),
     };
     let rev = app.store.commit(

@@ -19,10 +19,11 @@ pub mod rangelock;
 
 use crate::buf::AlignedBuf;
 use crate::export::ExportError;
+use crate::replica::wire;
 use crate::uring::{Buf, Engine};
 use layout::{
-    zero_block_crc, ChunkKey, Geometry, LayoutError, SlotRecord, Superblock, BLOCK, COPY_SIZE,
-    RECORD_SIZE, SLOT_SIZE,
+    zero_block_crc, ChunkKey, Geometry, LayoutError, SlotRecord, Superblock, BLOCK,
+    BLOCKS_PER_SLOT, COPY_SIZE, RECORD_SIZE, SLOT_SIZE,
 };
 use rangelock::RangeLock;
 use std::collections::{BTreeSet, HashMap};
@@ -506,6 +507,141 @@ impl ChunkStore {
         })
     }
 
+    /// Version and content digest (`replica::wire::digest_of`) of a chunk; `(0, empty)`
+    /// when it is not stored here.
+    pub fn chunk_state(&self, key: ChunkKey) -> (u64, u32) {
+        match self.get(key) {
+            Some(c) => {
+                let r = c.rec.lock().unwrap();
+                (r.version, wire::digest_of(|b| r.is_written(b), &r.crcs))
+            }
+            None => (0, wire::empty_digest()),
+        }
+    }
+
+    /// States of the chunks of `volume` stored here with index >= `start`, by index, at most
+    /// `max` of them; the second value is the index to continue from (`wire::END` if none).
+    pub fn chunk_states(
+        &self,
+        volume: u64,
+        start: u64,
+        max: usize,
+    ) -> (Vec<wire::ChunkState>, u64) {
+        let mut cs: Vec<Arc<Chunk>> = self
+            .chunks
+            .read()
+            .unwrap()
+            .values()
+            .filter(|c| c.key.volume == volume && c.key.index >= start)
+            .cloned()
+            .collect();
+        cs.sort_unstable_by_key(|c| c.key.index);
+        let next = cs.get(max).map(|c| c.key.index).unwrap_or(wire::END);
+        let out = cs
+            .iter()
+            .take(max)
+            .map(|c| {
+                let r = c.rec.lock().unwrap();
+                wire::ChunkState {
+                    index: c.key.index,
+                    version: r.version,
+                    digest: wire::digest_of(|b| r.is_written(b), &r.crcs),
+                }
+            })
+            .collect();
+        (out, next)
+    }
+
+    /// A whole chunk as an image for a resync: `(version, written-block bitmap, the data of
+    /// the written blocks in order)`. Every block is checked against its checksum; a bad one
+    /// fails the fetch (the caller takes another replica).
+    pub async fn fetch_image(
+        &self,
+        key: ChunkKey,
+    ) -> Result<(u64, [u8; wire::BITMAP_LEN], Vec<u8>), ExportError> {
+        let Some(c) = self.get(key) else {
+            return Ok((0, [0u8; wire::BITMAP_LEN], Vec::new()));
+        };
+        let _g = c
+            .locks
+            .lock(0, BLOCKS_PER_SLOT as u32, false)
+            .await
+            .map_err(|_| ExportError::Shutdown)?;
+        let (version, bm) = {
+            let r = c.rec.lock().unwrap();
+            let mut bm = [0u8; wire::BITMAP_LEN];
+            for b in 0..BLOCKS_PER_SLOT {
+                if r.is_written(b) {
+                    bm[b / 8] |= 1 << (b % 8);
+                }
+            }
+            (r.version, bm)
+        };
+        if bm.iter().all(|b| *b == 0) {
+            return Ok((version, bm, Vec::new()));
+        }
+        let buf = AlignedBuf::for_overwrite(SLOT_SIZE as usize);
+        let (buf, r) = self
+            .read_blocks(&c, 0, BLOCKS_PER_SLOT as u64, buf, 0)
+            .await;
+        r?;
+        let mut out = Vec::new();
+        for b in 0..BLOCKS_PER_SLOT {
+            if wire::bit(&bm, b) {
+                out.extend_from_slice(&buf[b * BLOCK as usize..(b + 1) * BLOCK as usize]);
+            }
+        }
+        Ok((version, bm, out))
+    }
+
+    /// Replaces a whole chunk with an image (from `fetch_image` on another replica) and sets
+    /// its version to exactly `version`. Written runs are written, the rest deallocated.
+    pub async fn install_image(
+        &self,
+        key: ChunkKey,
+        version: u64,
+        bm: &[u8; wire::BITMAP_LEN],
+        blocks: &[u8],
+    ) -> Result<(), ExportError> {
+        let data = Arc::new(AlignedBuf::from_slice(blocks));
+        let mut pos = 0usize; // position in `blocks`
+        let mut b = 0usize;
+        let exists = self.get(key).is_some();
+        while b < BLOCKS_PER_SLOT {
+            let w = wire::bit(bm, b);
+            let mut e = b + 1;
+            while e < BLOCKS_PER_SLOT && wire::bit(bm, e) == w {
+                e += 1;
+            }
+            let off = b as u64 * BLOCK;
+            let len = (e - b) * BLOCK as usize;
+            if w {
+                self.write_v(
+                    key,
+                    off,
+                    Buf::Shared(data.clone()),
+                    pos,
+                    len,
+                    false,
+                    Some(version),
+                )
+                .await?;
+                pos += len;
+            } else if exists || self.get(key).is_some() {
+                self.zero_v(key, off, len as u64, true, false, false, Some(version))
+                    .await?;
+            }
+            b = e;
+        }
+        // An empty image on an absent chunk: nothing to keep (absent reads as empty).
+        let Some(c) = self.get(key) else {
+            return Ok(());
+        };
+        c.rec.lock().unwrap().version = version;
+        self.mark_dirty(&c);
+        Ok(())
+    }
+
     fn get(&self, key: ChunkKey) -> Option<Arc<Chunk>> {
         self.chunks.read().unwrap().get(&key).cloned()
     }
@@ -671,6 +807,7 @@ impl ChunkStore {
         data: Buf,
         start: usize,
         len: usize,
+        version: Option<u64>,
     ) -> Result<(), ExportError> {
         let crcs: Vec<u32> = data.bytes()[start..start + len]
             .chunks(BLOCK as usize)
@@ -695,7 +832,7 @@ impl ChunkStore {
                     rec.set_written(b0 as usize + i, true);
                     rec.crcs[b0 as usize + i] = crc;
                 }
-                rec.version += 1;
+                bump(&mut rec, version);
                 drop(rec);
                 self.mark_dirty(c);
                 Ok(())
@@ -725,7 +862,7 @@ impl ChunkStore {
                             );
                         }
                     }
-                    rec.version += 1;
+                    bump(&mut rec, version);
                     drop(rec);
                     self.mark_dirty(c);
                 }
@@ -734,7 +871,8 @@ impl ChunkStore {
         }
     }
 
-    /// Writes `data[start..start+len]` at `off` within chunk `key`.
+    /// Writes `data[start..start+len]` at `off` within chunk `key`; the chunk's version goes
+    /// up by one.
     pub async fn write(
         &self,
         key: ChunkKey,
@@ -743,6 +881,37 @@ impl ChunkStore {
         start: usize,
         len: usize,
         fua: bool,
+    ) -> Result<(), ExportError> {
+        self.write_v(key, off, data, start, len, fua, None).await
+    }
+
+    /// Like `write`, for a replica: the chunk's version becomes at least `version` (the
+    /// gateway numbers writes; concurrent writes may land in any order).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_versioned(
+        &self,
+        key: ChunkKey,
+        off: u64,
+        data: Buf,
+        start: usize,
+        len: usize,
+        fua: bool,
+        version: u64,
+    ) -> Result<(), ExportError> {
+        self.write_v(key, off, data, start, len, fua, Some(version))
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_v(
+        &self,
+        key: ChunkKey,
+        off: u64,
+        data: Buf,
+        start: usize,
+        len: usize,
+        fua: bool,
+        version: Option<u64>,
     ) -> Result<(), ExportError> {
         debug_assert!(off + len as u64 <= SLOT_SIZE);
         if len == 0 {
@@ -764,7 +933,7 @@ impl ChunkStore {
             && (len as u64).is_multiple_of(BLOCK)
             && (start as u64).is_multiple_of(BLOCK)
         {
-            self.write_blocks(&c, b0, data, start, len).await?;
+            self.write_blocks(&c, b0, data, start, len, version).await?;
         } else {
             // Read-modify-write of the partial head and tail blocks.
             let n = b1 - b0;
@@ -786,7 +955,7 @@ impl ChunkStore {
             let s = (off - b0 * BLOCK) as usize;
             tmp[s..s + len].copy_from_slice(&data.bytes()[start..start + len]);
             let total = tmp.len();
-            self.write_blocks(&c, b0, Buf::Aligned(tmp), 0, total)
+            self.write_blocks(&c, b0, Buf::Aligned(tmp), 0, total, version)
                 .await?;
         }
         if fua {
@@ -810,12 +979,43 @@ impl ChunkStore {
         fast: bool,
         fua: bool,
     ) -> Result<(), ExportError> {
+        self.zero_v(key, off, len, punch, fast, fua, None).await
+    }
+
+    /// `zero` for a replica: the chunk's version becomes at least `version`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn zero_versioned(
+        &self,
+        key: ChunkKey,
+        off: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+        version: u64,
+    ) -> Result<(), ExportError> {
+        self.zero_v(key, off, len, punch, false, fua, Some(version))
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn zero_v(
+        &self,
+        key: ChunkKey,
+        off: u64,
+        len: u64,
+        punch: bool,
+        fast: bool,
+        fua: bool,
+        version: Option<u64>,
+    ) -> Result<(), ExportError> {
         debug_assert!(off + len <= SLOT_SIZE);
         self.metrics.discard_ops.fetch_add(1, Ordering::Relaxed);
         let c = if punch {
             match self.get(key) {
                 Some(c) => c,
-                None => return Ok(()), // never written: already reads as zeroes
+                // Never written: already reads as zeroes (replicas compare an absent chunk
+                // equal to an empty one, so nothing is allocated to record the version).
+                None => return Ok(()),
             }
         } else {
             self.get_or_alloc(key)?
@@ -845,7 +1045,7 @@ impl ChunkStore {
             r?;
             let s = (lo - pb * BLOCK) as usize;
             blk[s..s + (hi - lo) as usize].fill(0);
-            self.write_blocks(&c, pb, Buf::Aligned(blk), 0, BLOCK as usize)
+            self.write_blocks(&c, pb, Buf::Aligned(blk), 0, BLOCK as usize, version)
                 .await?;
         }
         if fb1 > fb0 {
@@ -874,7 +1074,7 @@ impl ChunkStore {
                     while b < fb1 {
                         let n = (fb1 - b).min(256);
                         let z = AlignedBuf::zeroed((n * BLOCK) as usize);
-                        self.write_blocks(&c, b, Buf::Aligned(z), 0, (n * BLOCK) as usize)
+                        self.write_blocks(&c, b, Buf::Aligned(z), 0, (n * BLOCK) as usize, version)
                             .await?;
                         b += n;
                     }
@@ -886,7 +1086,7 @@ impl ChunkStore {
                 rec.set_written(b as usize, !punch);
                 rec.crcs[b as usize] = zero_block_crc();
             }
-            rec.version += 1;
+            bump(&mut rec, version);
             drop(rec);
             self.mark_dirty(&c);
         }
@@ -1152,3 +1352,11 @@ impl ChunkStore {
 
 #[cfg(test)]
 mod tests;
+
+/// A chunk's version after a change: one more, or for a replica at least the gateway's.
+fn bump(rec: &mut SlotRecord, version: Option<u64>) {
+    match version {
+        Some(v) => rec.version = rec.version.max(v),
+        None => rec.version += 1,
+    }
+}

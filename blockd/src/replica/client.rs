@@ -4,13 +4,29 @@
 
 use super::auth;
 use super::conn::{read_frame, write_frame};
-use super::wire::{Frame, Message};
+use super::wire::{self, Chunk, ChunkState, Frame, Message};
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
+
+/// Why a request to a replica failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    /// The replica is unreachable, timed out, or broke the protocol: treat it as failed.
+    #[error("replica down: {0}")]
+    Down(String),
+    /// The replica answered with an errno (`service::ESTALE`: the sender's epoch is fenced).
+    #[error("replica answered errno {0}")]
+    Status(u32),
+}
+
+fn down(e: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::Down(e.to_string())
+}
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>>;
 
@@ -19,6 +35,8 @@ pub struct ReplicaClient {
     pending: Pending,
     next: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    /// Longest wait for any answer; a request that takes longer fails the connection.
+    timeout: Duration,
 }
 
 fn denied(msg: &str) -> io::Error {
@@ -89,7 +107,222 @@ impl ReplicaClient {
             pending,
             next: AtomicU64::new(1),
             reader,
+            timeout: Duration::from_secs(3600),
         })
+    }
+
+    /// Connects (within `timeout`) and sets `timeout` as the limit for every request.
+    pub async fn connect_timeout(
+        addr: &str,
+        cluster_id: &str,
+        node: &str,
+        secret: &[u8],
+        timeout: Duration,
+    ) -> io::Result<ReplicaClient> {
+        let mut c = tokio::time::timeout(timeout, Self::connect(addr, cluster_id, node, secret))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting timed out"))??;
+        c.timeout = timeout;
+        Ok(c)
+    }
+
+    /// Whether the connection is gone (a new one is needed).
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().unwrap().is_none()
+    }
+
+    /// Fails the connection: waiting requests and later ones get an error at once.
+    pub fn close(&self) {
+        self.pending.lock().unwrap().take();
+        self.reader.abort();
+    }
+
+    /// One request with the connection's timeout; any failure but an errno answer closes
+    /// the connection.
+    async fn call(&self, msg: &Message, payload: &[u8]) -> Result<Frame, ReplicaError> {
+        match tokio::time::timeout(self.timeout, self.request(msg, payload)).await {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(e)) => {
+                self.close();
+                Err(down(e))
+            }
+            Err(_) => {
+                self.close();
+                Err(down(format!("no answer within {:?}", self.timeout)))
+            }
+        }
+    }
+
+    /// A request answered by `Reply`: the version on success, the errno otherwise.
+    async fn status(&self, msg: &Message, payload: &[u8]) -> Result<(u64, Vec<u8>), ReplicaError> {
+        let f = self.call(msg, payload).await?;
+        match f.msg {
+            Message::Reply { status: 0, version } => Ok((version, f.payload)),
+            Message::Reply { status, .. } => Err(ReplicaError::Status(status)),
+            _ => {
+                self.close();
+                Err(down("unexpected answer"))
+            }
+        }
+    }
+
+    pub async fn read(
+        &self,
+        chunk: Chunk,
+        offset: u32,
+        len: u32,
+        epoch: u64,
+    ) -> Result<(u64, Vec<u8>), ReplicaError> {
+        let (v, data) = self
+            .status(
+                &Message::Read {
+                    chunk,
+                    offset,
+                    len,
+                    epoch,
+                },
+                &[],
+            )
+            .await?;
+        if data.len() != len as usize {
+            self.close();
+            return Err(down("short read answer"));
+        }
+        Ok((v, data))
+    }
+
+    pub async fn write(
+        &self,
+        chunk: Chunk,
+        offset: u32,
+        data: &[u8],
+        epoch: u64,
+        version: u64,
+        fua: bool,
+    ) -> Result<u64, ReplicaError> {
+        self.status(
+            &Message::Write {
+                chunk,
+                offset,
+                epoch,
+                version,
+                fua,
+            },
+            data,
+        )
+        .await
+        .map(|r| r.0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn zero(
+        &self,
+        chunk: Chunk,
+        offset: u32,
+        len: u32,
+        epoch: u64,
+        version: u64,
+        punch: bool,
+        fua: bool,
+    ) -> Result<u64, ReplicaError> {
+        self.status(
+            &Message::Zero {
+                chunk,
+                offset,
+                len,
+                epoch,
+                version,
+                punch,
+                fua,
+            },
+            &[],
+        )
+        .await
+        .map(|r| r.0)
+    }
+
+    pub async fn flush(&self, volume: u64, epoch: u64) -> Result<(), ReplicaError> {
+        self.status(&Message::Flush { volume, epoch }, &[])
+            .await
+            .map(|_| ())
+    }
+
+    /// Every chunk state of a volume held there (all pages).
+    pub async fn versions(&self, volume: u64, epoch: u64) -> Result<Vec<ChunkState>, ReplicaError> {
+        let mut out = Vec::new();
+        let mut start = 0u64;
+        loop {
+            let f = self
+                .call(
+                    &Message::Versions {
+                        volume,
+                        start,
+                        epoch,
+                    },
+                    &[],
+                )
+                .await?;
+            match f.msg {
+                Message::VersionList { entries, next } => {
+                    out.extend(entries);
+                    if next == wire::END || next <= start {
+                        return Ok(out);
+                    }
+                    start = next;
+                }
+                Message::Reply { status, .. } if status != 0 => {
+                    return Err(ReplicaError::Status(status))
+                }
+                _ => {
+                    self.close();
+                    return Err(down("unexpected answer to versions"));
+                }
+            }
+        }
+    }
+
+    /// Version and per-block crc32s of a chunk (empty when not stored there).
+    pub async fn checksums(&self, chunk: Chunk) -> Result<(u64, Vec<u32>), ReplicaError> {
+        let (v, p) = self.status(&Message::Checksums { chunk }, &[]).await?;
+        if p.len() % 4 != 0 {
+            self.close();
+            return Err(down("bad checksums answer"));
+        }
+        Ok((
+            v,
+            p.chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ))
+    }
+
+    /// A chunk image and its version.
+    pub async fn fetch(&self, chunk: Chunk, epoch: u64) -> Result<(u64, Vec<u8>), ReplicaError> {
+        let (v, p) = self.status(&Message::Fetch { chunk, epoch }, &[]).await?;
+        if wire::parse_image(&p).is_err() {
+            self.close();
+            return Err(down("bad chunk image"));
+        }
+        Ok((v, p))
+    }
+
+    pub async fn install(
+        &self,
+        chunk: Chunk,
+        epoch: u64,
+        version: u64,
+        image: &[u8],
+    ) -> Result<(), ReplicaError> {
+        self.status(
+            &Message::Install {
+                chunk,
+                epoch,
+                version,
+            },
+            image,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Sends one request and waits for its answer.

@@ -6,4 +6,5 @@ pub mod auth;
 pub mod client;
 pub mod conn;
 pub mod server;
+pub mod service;
 pub mod wire;

@@ -1,71 +1,36 @@
-//! The replica side of the protocol: serves a host's chunk store to the gateways of other
-//! hosts. Peers must prove the cluster secret first; requests run concurrently and replies go
-//! back in completion order; I/O that carries a lease epoch older than the newest one seen for
-//! that volume is refused with ESTALE (fencing of a gateway that lost its lease).
-//!
-//! Groundwork for issue 3: fences are kept in memory only so far (they must become durable),
-//! and blockd does not start this server yet.
+//! The replica side of the protocol over TCP: serves a host's chunk store to the gateways of
+//! other hosts. Peers must prove the cluster secret first; requests run concurrently and
+//! replies go back in completion order. What each request does (and the epoch fencing) is
+//! `ReplicaService`, shared with the gateway's path to its own disks.
 
 use super::auth;
 use super::conn::{read_frame, write_frame};
-use super::wire::{Chunk, Frame, Message};
+use super::service::{ReplicaService, EINVAL, EPERM};
+use super::wire::{Frame, Message};
 use crate::buf::AlignedBuf;
-use crate::chunkstore::layout::{ChunkKey, SLOT_SIZE};
-use crate::chunkstore::ChunkStore;
 use crate::uring::Buf;
-use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
-pub const ESTALE: u32 = 116;
-pub const EPERM: u32 = 1;
-pub const EINVAL: u32 = 22;
-
-/// Highest lease epoch seen per volume.
-#[derive(Default)]
-pub struct Fences {
-    epochs: Mutex<HashMap<u64, u64>>,
-}
-
-impl Fences {
-    /// Admits `epoch` for `volume` unless a newer one was seen; a newer one raises the fence.
-    pub fn admit(&self, volume: u64, epoch: u64) -> bool {
-        let mut m = self.epochs.lock().unwrap();
-        let e = m.entry(volume).or_insert(0);
-        if epoch < *e {
-            return false;
-        }
-        *e = epoch;
-        true
-    }
-}
+pub use super::service::ESTALE;
 
 pub struct ReplicaServer {
-    pub store: Arc<ChunkStore>,
+    pub service: Arc<ReplicaService>,
     pub secret: Vec<u8>,
     pub cluster_id: String,
     pub node: String,
-    pub fences: Fences,
-}
-
-fn key(c: Chunk) -> ChunkKey {
-    ChunkKey {
-        volume: c.volume,
-        index: c.index,
-    }
-}
-
-fn in_chunk(offset: u32, len: usize) -> bool {
-    (offset as u64)
-        .checked_add(len as u64)
-        .is_some_and(|e| e <= SLOT_SIZE)
 }
 
 impl ReplicaServer {
     async fn handle(&self, f: Frame) -> (Message, Vec<u8>) {
         let reply = |status: u32, version: u64| Message::Reply { status, version };
+        let status = |r: Result<u64, u32>| match r {
+            Ok(v) => (reply(0, v), vec![]),
+            Err(e) => (reply(e, 0), vec![]),
+        };
+        let svc = &self.service;
         match f.msg {
             Message::Read {
                 chunk,
@@ -73,91 +38,83 @@ impl ReplicaServer {
                 len,
                 epoch,
             } => {
-                if !self.fences.admit(chunk.volume, epoch) {
-                    return (reply(ESTALE, 0), vec![]);
-                }
-                if !in_chunk(offset, len as usize) || len > super::wire::MAX_PAYLOAD {
+                if len > super::wire::MAX_PAYLOAD {
                     return (reply(EINVAL, 0), vec![]);
                 }
-                let (b, r) = self
-                    .store
-                    .read_into(
-                        key(chunk),
-                        offset as u64,
-                        AlignedBuf::for_overwrite(len as usize),
-                        0,
-                        len as usize,
-                    )
-                    .await;
-                let version = self.store.chunk_version(key(chunk)).unwrap_or(0);
+                let buf = AlignedBuf::for_overwrite(len as usize);
+                let (b, r) = svc.read_into(chunk, offset, len, epoch, buf, 0).await;
                 match r {
-                    Ok(()) => (reply(0, version), b.to_vec()),
-                    Err(e) => (reply(e.nbd_errno(), version), vec![]),
+                    Ok(v) => (reply(0, v), b.to_vec()),
+                    Err(e) => (reply(e, 0), vec![]),
                 }
             }
             Message::Write {
                 chunk,
                 offset,
                 epoch,
+                version,
                 fua,
-                ..
             } => {
-                if !self.fences.admit(chunk.volume, epoch) {
-                    return (reply(ESTALE, 0), vec![]);
-                }
-                if f.payload.is_empty() || !in_chunk(offset, f.payload.len()) {
-                    return (reply(EINVAL, 0), vec![]);
-                }
                 let len = f.payload.len();
-                let r = self
-                    .store
-                    .write(
-                        key(chunk),
-                        offset as u64,
+                status(
+                    svc.write(
+                        chunk,
+                        offset,
                         Buf::Aligned(AlignedBuf::from_slice(&f.payload)),
                         0,
                         len,
+                        epoch,
+                        version,
                         fua,
                     )
-                    .await;
-                let version = self.store.chunk_version(key(chunk)).unwrap_or(0);
-                match r {
-                    Ok(()) => (reply(0, version), vec![]),
-                    Err(e) => (reply(e.nbd_errno(), version), vec![]),
-                }
+                    .await,
+                )
             }
-            Message::Flush { .. } => match self.store.flush().await {
-                Ok(()) => (reply(0, 0), vec![]),
-                Err(e) => (reply(e.nbd_errno(), 0), vec![]),
-            },
-            Message::Versions { volume } => (
-                Message::VersionList {
-                    entries: self.store.chunk_versions(volume),
-                },
-                vec![],
+            Message::Zero {
+                chunk,
+                offset,
+                len,
+                epoch,
+                version,
+                punch,
+                fua,
+            } => status(
+                svc.zero(chunk, offset, len, epoch, version, punch, fua)
+                    .await,
             ),
-            Message::Checksums { chunk } => match self.store.chunk_checksums(key(chunk)) {
-                Some((version, crcs)) => (
+            Message::Flush { volume, epoch } => status(
+                svc.flush((volume != 0).then_some(volume), epoch)
+                    .await
+                    .map(|()| 0),
+            ),
+            Message::Versions {
+                volume,
+                start,
+                epoch,
+            } => match svc.versions(volume, start, epoch) {
+                Ok((entries, next)) => (Message::VersionList { entries, next }, vec![]),
+                Err(e) => (reply(e, 0), vec![]),
+            },
+            Message::Checksums { chunk } => {
+                let (version, crcs) = svc.checksums(chunk);
+                (
                     reply(0, version),
                     crcs.iter().flat_map(|c| c.to_le_bytes()).collect(),
-                ),
-                None => (reply(0, 0), vec![]),
-            },
-            Message::Fetch { chunk, epoch } => {
-                if !self.fences.admit(chunk.volume, epoch) {
-                    return (reply(ESTALE, 0), vec![]);
-                }
-                let n = SLOT_SIZE as usize;
-                let (b, r) = self
-                    .store
-                    .read_into(key(chunk), 0, AlignedBuf::for_overwrite(n), 0, n)
-                    .await;
-                let version = self.store.chunk_version(key(chunk)).unwrap_or(0);
-                match r {
-                    Ok(()) => (reply(0, version), b.to_vec()),
-                    Err(e) => (reply(e.nbd_errno(), version), vec![]),
-                }
+                )
             }
+            Message::Fetch { chunk, epoch } => match svc.fetch(chunk, epoch).await {
+                Ok((v, image)) => (reply(0, v), image),
+                Err(e) => (reply(e, 0), vec![]),
+            },
+            Message::Install {
+                chunk,
+                epoch,
+                version,
+            } => status(
+                svc.install(chunk, epoch, version, &f.payload)
+                    .await
+                    .map(|()| version),
+            ),
             _ => (reply(EINVAL, 0), vec![]),
         }
     }

@@ -1,4 +1,4 @@
-//! The replica protocol's wire format (groundwork for issue 3): pure code, no I/O.
+//! The replica protocol's wire format: pure code, no I/O.
 //!
 //! Every frame is a fixed 32-byte header, a typed body and an optional data payload:
 //!
@@ -17,8 +17,17 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 32;
 /// Largest body: the biggest typed message (a version list of a large volume is paged).
 pub const MAX_BODY: u32 = 64 << 10;
-/// Largest payload: one chunk.
-pub const MAX_PAYLOAD: u32 = 4 << 20;
+/// Largest payload: one chunk image (written-block bitmap plus a whole chunk of data).
+pub const MAX_PAYLOAD: u32 = (4 << 20) + BITMAP_LEN as u32;
+/// Bytes of a chunk's written-block bitmap in a chunk image (1024 blocks of 4 KiB).
+pub const BITMAP_LEN: usize = 128;
+/// Blocks per chunk and block size, as in the chunk store.
+pub const CHUNK_BLOCKS: usize = 1024;
+pub const BLOCK: usize = 4096;
+/// "No more entries" in `VersionList::next`.
+pub const END: u64 = u64::MAX;
+/// Entries of a `VersionList` that fit in one body.
+pub const MAX_VERSION_ENTRIES: usize = (MAX_BODY as usize - 12) / 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -75,18 +84,95 @@ pub enum Message {
         version: u64,
         fua: bool,
     },
-    /// Make everything written so far durable.
-    Flush { epoch: u64 },
-    /// Versions of every chunk of a volume held here (reply: `VersionList`).
-    Versions { volume: u64 },
+    /// Make everything written so far durable. `volume` (with `epoch`) is fenced like any
+    /// I/O; 0 means no volume in particular.
+    Flush { volume: u64, epoch: u64 },
+    /// Version and digest of every chunk of a volume held here with index >= `start`
+    /// (reply: `VersionList`, paged). A non-zero epoch is admitted (and raises the fence)
+    /// like any I/O; 0 is a read-only query (verification) that checks no fence.
+    Versions { volume: u64, start: u64, epoch: u64 },
     /// Per-block crc32s of a chunk (reply payload: LE u32 array) and its version.
     Checksums { chunk: Chunk },
-    /// Copy a whole chunk from the peer (resync source side; reply payload: the chunk).
+    /// Copy a whole chunk from the peer (resync source side; reply payload: a chunk image,
+    /// see `encode_image`).
     Fetch { chunk: Chunk, epoch: u64 },
     /// Answer to any request: 0 or an errno; the chunk version where one applies.
     Reply { status: u32, version: u64 },
-    /// Answer to `Versions`.
-    VersionList { entries: Vec<(u64, u64)> },
+    /// Answer to `Versions`: `(index, version, digest)` by index; `next` is the index to ask
+    /// from for the next page, or `END`.
+    VersionList { entries: Vec<ChunkState>, next: u64 },
+    /// Zero (or with `punch`, deallocate) `len` bytes at `offset` of a chunk.
+    Zero {
+        chunk: Chunk,
+        offset: u32,
+        len: u32,
+        epoch: u64,
+        version: u64,
+        punch: bool,
+        fua: bool,
+    },
+    /// Replace a whole chunk with the image in the payload and set its version to exactly
+    /// `version` (resync target side).
+    Install {
+        chunk: Chunk,
+        epoch: u64,
+        version: u64,
+    },
+}
+
+/// A chunk's state as replicas compare it: its version and a digest of its content
+/// (`digest_of`); a chunk that is not stored reads as `(0, EMPTY_DIGEST)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkState {
+    pub index: u64,
+    pub version: u64,
+    pub digest: u32,
+}
+
+/// The digest of a chunk: crc32 over, for each block in order, the block's crc32 if it is
+/// written and 0 if not. Equal digests mean equal content (up to crc32 collisions), holes
+/// included.
+pub fn digest_of(written: impl Fn(usize) -> bool, crcs: &[u32]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for (b, c) in crcs.iter().enumerate() {
+        let v = if written(b) { *c } else { 0 };
+        h.update(&v.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// Digest of a chunk with nothing written (also of a chunk that is not stored).
+pub fn empty_digest() -> u32 {
+    digest_of(|_| false, &[0u32; CHUNK_BLOCKS])
+}
+
+/// A chunk image: the written-block bitmap (bit b of byte b/8) followed by the data of the
+/// written blocks only, in block order.
+pub fn encode_image(bitmap: &[u8; BITMAP_LEN], blocks: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BITMAP_LEN + blocks.len());
+    out.extend_from_slice(bitmap);
+    out.extend_from_slice(blocks);
+    out
+}
+
+/// Splits a chunk image into its bitmap and block data, checking that the data holds exactly
+/// one block per set bit.
+pub fn parse_image(p: &[u8]) -> Result<([u8; BITMAP_LEN], &[u8]), WireError> {
+    if p.len() < BITMAP_LEN {
+        return Err(WireError::Malformed("chunk image"));
+    }
+    let mut bm = [0u8; BITMAP_LEN];
+    bm.copy_from_slice(&p[..BITMAP_LEN]);
+    let n: usize = bm.iter().map(|b| b.count_ones() as usize).sum();
+    if p.len() - BITMAP_LEN != n * BLOCK {
+        return Err(WireError::Malformed("chunk image"));
+    }
+    Ok((bm, &p[BITMAP_LEN..]))
+}
+
+/// Whether block `b` is set in an image bitmap.
+pub fn bit(bm: &[u8; BITMAP_LEN], b: usize) -> bool {
+    bm[b / 8] & (1 << (b % 8)) != 0
 }
 
 impl Message {
@@ -102,6 +188,8 @@ impl Message {
             Message::Fetch { .. } => 8,
             Message::Reply { .. } => 9,
             Message::VersionList { .. } => 10,
+            Message::Zero { .. } => 11,
+            Message::Install { .. } => 12,
         }
     }
 }
@@ -162,7 +250,7 @@ pub fn parse_header(b: &[u8]) -> Result<Header, WireError> {
         payload_crc: u32_at(b, 24),
         header_crc: u32_at(b, 28),
     };
-    if !(1..=10).contains(&h.kind) {
+    if !(1..=12).contains(&h.kind) {
         return Err(WireError::UnknownKind(h.kind));
     }
     if h.flags != 0 {
@@ -246,6 +334,8 @@ fn parse_body(kind: u8, body: &[u8]) -> Result<Message, WireError> {
         "fetch",
         "reply",
         "version list",
+        "zero",
+        "install",
     ];
     let mut r = Reader {
         b: body,
@@ -276,8 +366,15 @@ fn parse_body(kind: u8, body: &[u8]) -> Result<Message, WireError> {
                 _ => return Err(WireError::Malformed("write")),
             },
         },
-        5 => Message::Flush { epoch: r.u64()? },
-        6 => Message::Versions { volume: r.u64()? },
+        5 => Message::Flush {
+            volume: r.u64()?,
+            epoch: r.u64()?,
+        },
+        6 => Message::Versions {
+            volume: r.u64()?,
+            start: r.u64()?,
+            epoch: r.u64()?,
+        },
         7 => Message::Checksums { chunk: r.chunk()? },
         8 => Message::Fetch {
             chunk: r.chunk()?,
@@ -289,15 +386,47 @@ fn parse_body(kind: u8, body: &[u8]) -> Result<Message, WireError> {
         },
         10 => {
             let n = r.u32()? as usize;
-            if n > (MAX_BODY as usize) / 16 {
+            if n > MAX_VERSION_ENTRIES {
                 return Err(WireError::Malformed("version list"));
             }
             let mut entries = Vec::with_capacity(n);
             for _ in 0..n {
-                entries.push((r.u64()?, r.u64()?));
+                entries.push(ChunkState {
+                    index: r.u64()?,
+                    version: r.u64()?,
+                    digest: r.u32()?,
+                });
             }
-            Message::VersionList { entries }
+            Message::VersionList {
+                entries,
+                next: r.u64()?,
+            }
         }
+        11 => {
+            let chunk = r.chunk()?;
+            let offset = r.u32()?;
+            let len = r.u32()?;
+            let epoch = r.u64()?;
+            let version = r.u64()?;
+            let flags = r.u8()?;
+            if flags & !3 != 0 {
+                return Err(WireError::Malformed("zero"));
+            }
+            Message::Zero {
+                chunk,
+                offset,
+                len,
+                epoch,
+                version,
+                punch: flags & 1 != 0,
+                fua: flags & 2 != 0,
+            }
+        }
+        12 => Message::Install {
+            chunk: r.chunk()?,
+            epoch: r.u64()?,
+            version: r.u64()?,
+        },
         k => return Err(WireError::UnknownKind(k)),
     };
     r.done()?;
@@ -326,7 +455,12 @@ pub fn parse_frame(b: &[u8]) -> Result<(Frame, usize), WireError> {
         return Err(WireError::PayloadChecksum);
     }
     let msg = parse_body(h.kind, &b[HEADER_LEN..body_end])?;
-    if h.payload_len > 0 && !matches!(msg, Message::Write { .. } | Message::Reply { .. }) {
+    if h.payload_len > 0
+        && !matches!(
+            msg,
+            Message::Write { .. } | Message::Reply { .. } | Message::Install { .. }
+        )
+    {
         return Err(WireError::Malformed("payload on a message that takes none"));
     }
     Ok((
@@ -392,8 +526,19 @@ pub fn emit_frame(out: &mut Vec<u8>, id: u64, msg: &Message, payload: &[u8]) {
             body.extend_from_slice(&version.to_le_bytes());
             body.push(*fua as u8);
         }
-        Message::Flush { epoch } => body.extend_from_slice(&epoch.to_le_bytes()),
-        Message::Versions { volume } => body.extend_from_slice(&volume.to_le_bytes()),
+        Message::Flush { volume, epoch } => {
+            body.extend_from_slice(&volume.to_le_bytes());
+            body.extend_from_slice(&epoch.to_le_bytes());
+        }
+        Message::Versions {
+            volume,
+            start,
+            epoch,
+        } => {
+            body.extend_from_slice(&volume.to_le_bytes());
+            body.extend_from_slice(&start.to_le_bytes());
+            body.extend_from_slice(&epoch.to_le_bytes());
+        }
         Message::Checksums { chunk } => put_chunk(&mut body, chunk),
         Message::Fetch { chunk, epoch } => {
             put_chunk(&mut body, chunk);
@@ -403,13 +548,46 @@ pub fn emit_frame(out: &mut Vec<u8>, id: u64, msg: &Message, payload: &[u8]) {
             body.extend_from_slice(&status.to_le_bytes());
             body.extend_from_slice(&version.to_le_bytes());
         }
-        Message::VersionList { entries } => {
-            let n = entries.len().min((MAX_BODY as usize - 4) / 16);
+        Message::VersionList { entries, next } => {
+            // Entries beyond one body are cut off and `next` points at the first of them.
+            let n = entries.len().min(MAX_VERSION_ENTRIES);
             body.extend_from_slice(&(n as u32).to_le_bytes());
-            for (i, v) in &entries[..n] {
-                body.extend_from_slice(&i.to_le_bytes());
-                body.extend_from_slice(&v.to_le_bytes());
+            for e in &entries[..n] {
+                body.extend_from_slice(&e.index.to_le_bytes());
+                body.extend_from_slice(&e.version.to_le_bytes());
+                body.extend_from_slice(&e.digest.to_le_bytes());
             }
+            let next = if n < entries.len() {
+                entries[n].index
+            } else {
+                *next
+            };
+            body.extend_from_slice(&next.to_le_bytes());
+        }
+        Message::Zero {
+            chunk,
+            offset,
+            len,
+            epoch,
+            version,
+            punch,
+            fua,
+        } => {
+            put_chunk(&mut body, chunk);
+            body.extend_from_slice(&offset.to_le_bytes());
+            body.extend_from_slice(&len.to_le_bytes());
+            body.extend_from_slice(&epoch.to_le_bytes());
+            body.extend_from_slice(&version.to_le_bytes());
+            body.push(*punch as u8 | (*fua as u8) << 1);
+        }
+        Message::Install {
+            chunk,
+            epoch,
+            version,
+        } => {
+            put_chunk(&mut body, chunk);
+            body.extend_from_slice(&epoch.to_le_bytes());
+            body.extend_from_slice(&version.to_le_bytes());
         }
     }
     let start = out.len();
@@ -458,8 +636,15 @@ mod tests {
                 version: 77,
                 fua: true,
             },
-            Message::Flush { epoch: 5 },
-            Message::Versions { volume: 3 },
+            Message::Flush {
+                volume: 3,
+                epoch: 5,
+            },
+            Message::Versions {
+                volume: 3,
+                start: 17,
+                epoch: 0,
+            },
             Message::Checksums { chunk: c },
             Message::Fetch { chunk: c, epoch: 6 },
             Message::Reply {
@@ -467,7 +652,33 @@ mod tests {
                 version: 77,
             },
             Message::VersionList {
-                entries: vec![(0, 1), (5, 99)],
+                entries: vec![
+                    ChunkState {
+                        index: 0,
+                        version: 1,
+                        digest: 5,
+                    },
+                    ChunkState {
+                        index: 5,
+                        version: 99,
+                        digest: 0xdead_beef,
+                    },
+                ],
+                next: END,
+            },
+            Message::Zero {
+                chunk: c,
+                offset: 512,
+                len: 4096,
+                epoch: 5,
+                version: 78,
+                punch: true,
+                fua: false,
+            },
+            Message::Install {
+                chunk: c,
+                epoch: 5,
+                version: 79,
             },
         ]
     }
@@ -475,7 +686,10 @@ mod tests {
     #[test]
     fn every_message_round_trips() {
         for (i, m) in all_messages().into_iter().enumerate() {
-            let payload: Vec<u8> = if matches!(m, Message::Write { .. } | Message::Reply { .. }) {
+            let payload: Vec<u8> = if matches!(
+                m,
+                Message::Write { .. } | Message::Reply { .. } | Message::Install { .. }
+            ) {
                 vec![i as u8; 4096]
             } else {
                 vec![]
@@ -532,7 +746,15 @@ mod tests {
     #[test]
     fn header_errors() {
         let mut out = Vec::new();
-        emit_frame(&mut out, 1, &Message::Flush { epoch: 1 }, &[]);
+        emit_frame(
+            &mut out,
+            1,
+            &Message::Flush {
+                volume: 1,
+                epoch: 1,
+            },
+            &[],
+        );
         let mut b = out.clone();
         b[0] = 0;
         assert!(matches!(parse_header(&b), Err(WireError::BadMagic(_))));
@@ -616,7 +838,12 @@ mod tests {
             &mut out,
             1,
             &Message::VersionList {
-                entries: vec![(1, 1)],
+                entries: vec![ChunkState {
+                    index: 1,
+                    version: 1,
+                    digest: 1,
+                }],
+                next: END,
             },
             &[],
         );
@@ -628,9 +855,17 @@ mod tests {
         );
         // Trailing body bytes.
         let mut out = Vec::new();
-        emit_frame(&mut out, 1, &Message::Flush { epoch: 1 }, &[]);
-        out[16..20].copy_from_slice(&9u32.to_le_bytes());
-        out.insert(40, 0);
+        emit_frame(
+            &mut out,
+            1,
+            &Message::Flush {
+                volume: 1,
+                epoch: 1,
+            },
+            &[],
+        );
+        out[16..20].copy_from_slice(&17u32.to_le_bytes());
+        out.insert(48, 0);
         reseal(&mut out);
         assert_eq!(
             parse_frame(&out).unwrap_err(),
@@ -638,7 +873,15 @@ mod tests {
         );
         // A payload on a message that takes none.
         let mut out = Vec::new();
-        emit_frame(&mut out, 1, &Message::Flush { epoch: 1 }, &[1, 2, 3]);
+        emit_frame(
+            &mut out,
+            1,
+            &Message::Flush {
+                volume: 1,
+                epoch: 1,
+            },
+            &[1, 2, 3],
+        );
         assert!(matches!(parse_frame(&out), Err(WireError::Malformed(_))));
     }
 
@@ -674,5 +917,93 @@ mod tests {
             }
             let _ = parse_frame(&b);
         }
+    }
+
+    #[test]
+    fn version_lists_page() {
+        let entries: Vec<ChunkState> = (0..MAX_VERSION_ENTRIES as u64 + 10)
+            .map(|i| ChunkState {
+                index: i * 2,
+                version: i,
+                digest: i as u32,
+            })
+            .collect();
+        let mut out = Vec::new();
+        emit_frame(
+            &mut out,
+            1,
+            &Message::VersionList {
+                entries: entries.clone(),
+                next: END,
+            },
+            &[],
+        );
+        let (f, _) = parse_frame(&out).unwrap();
+        let Message::VersionList { entries: got, next } = f.msg else {
+            panic!("not a version list")
+        };
+        assert_eq!(got.len(), MAX_VERSION_ENTRIES);
+        assert_eq!(got[..], entries[..MAX_VERSION_ENTRIES]);
+        assert_eq!(next, entries[MAX_VERSION_ENTRIES].index);
+    }
+
+    #[test]
+    fn zero_flags_are_checked() {
+        let mut out = Vec::new();
+        emit_frame(
+            &mut out,
+            1,
+            &Message::Zero {
+                chunk: Chunk {
+                    volume: 1,
+                    index: 0,
+                },
+                offset: 0,
+                len: 4096,
+                epoch: 1,
+                version: 1,
+                punch: true,
+                fua: true,
+            },
+            &[],
+        );
+        let last = 32 + u32_at(&out, 16) as usize - 1;
+        assert_eq!(out[last], 3);
+        out[last] = 4;
+        reseal(&mut out);
+        assert_eq!(parse_frame(&out).unwrap_err(), WireError::Malformed("zero"));
+    }
+
+    #[test]
+    fn chunk_images() {
+        let mut bm = [0u8; BITMAP_LEN];
+        bm[0] = 0b101; // blocks 0 and 2
+        let data = vec![9u8; 2 * BLOCK];
+        let img = encode_image(&bm, &data);
+        let (b2, d2) = parse_image(&img).unwrap();
+        assert_eq!(b2, bm);
+        assert_eq!(d2, &data[..]);
+        assert!(bit(&bm, 0) && !bit(&bm, 1) && bit(&bm, 2));
+        // Too short for the bitmap; data not matching the bitmap's count.
+        assert!(parse_image(&img[..10]).is_err());
+        assert!(parse_image(&img[..img.len() - 1]).is_err());
+        let mut more = img.clone();
+        more.extend_from_slice(&[0u8; BLOCK]);
+        assert!(parse_image(&more).is_err());
+        // An empty image is a chunk with nothing written.
+        let (b3, d3) = parse_image(&[0u8; BITMAP_LEN]).unwrap();
+        assert!(b3.iter().all(|b| *b == 0) && d3.is_empty());
+    }
+
+    #[test]
+    fn digests_see_content_and_holes() {
+        let crcs = vec![7u32; CHUNK_BLOCKS];
+        let all = digest_of(|_| true, &crcs);
+        let one_hole = digest_of(|b| b != 3, &crcs);
+        assert_ne!(all, one_hole);
+        assert_eq!(digest_of(|_| false, &crcs), empty_digest());
+        let mut other = crcs.clone();
+        other[1000] = 8;
+        assert_ne!(digest_of(|_| true, &other), all);
     }
 }
