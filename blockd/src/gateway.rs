@@ -725,15 +725,17 @@ impl Attached {
             .replica_failures
             .fetch_add(1, Ordering::Relaxed);
         let mut need_mark = false;
+        let mut newly = false;
         {
             let mut sets = self.sets.lock().unwrap();
             for m in sets.iter_mut().flatten().filter(|m| m.node == node) {
-                if m.st != St::Failed {
-                    tracing::warn!(volume = %self.name, replica = node, "replica failed");
-                }
+                newly |= m.st != St::Failed;
                 m.st = St::Failed;
                 need_mark |= m.record_in;
             }
+        }
+        if newly {
+            tracing::warn!(volume = %self.name, replica = node, "replica failed");
         }
         if need_mark {
             self.spawn_mark_out(node);

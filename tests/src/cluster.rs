@@ -93,7 +93,8 @@ impl Fabric {
         let p = Proc::spawn(
             "volume-mgr",
             Command::new(bin("volume-mgr"))
-                .args(["--listen", &self.manager_addr, "--data-dir"])
+                .args(["--listen", &self.manager_addr, "--default-replicas", "1"])
+                .arg("--data-dir")
                 .arg(self.dir.path().join("manager"))
                 .stdout(self.log("volume-mgr.log"))
                 .stderr(self.log("volume-mgr.log")),

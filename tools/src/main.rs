@@ -3,6 +3,7 @@
 mod size;
 mod table;
 mod up;
+mod verify;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -61,11 +62,25 @@ enum VolumeCmd {
         /// Must be a multiple of 4 KiB.
         #[arg(long)]
         size: String,
+        /// Replicas of every chunk, on distinct failure domains [default: the manager's
+        /// --default-replicas, 3].
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Fewest replicas a write may be acknowledged on [default: min(2, replicas)].
+        #[arg(long)]
+        min_replicas: Option<u32>,
     },
     /// List volumes.
     Ls,
-    /// Show one volume.
+    /// Show one volume: placement, each replica's node and state, the lease.
     Show { name: String },
+    /// Compare every replica's chunk versions and checksums; exit 1 on any difference.
+    Verify {
+        name: String,
+        /// The cluster secret file (the one blockd uses) to talk to the replicas.
+        #[arg(long, env = "FABRIC_SECRET_FILE", default_value = verify::DEFAULT_SECRET_FILE)]
+        secret_file: std::path::PathBuf,
+    },
     /// Delete a volume and its data.
     Rm { name: String },
 }
@@ -138,20 +153,86 @@ fn volume_rows(vs: &[api::Volume]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// One row per (node, replica state) with the sets it covers, so a 32-set volume on three
+/// nodes stays three lines when healthy.
+fn replica_rows(v: &api::Volume, nodes: &[api::Node]) -> Vec<Vec<String>> {
+    let mut by: std::collections::BTreeMap<(String, bool), Vec<usize>> = Default::default();
+    for (i, s) in v.sets.iter().enumerate() {
+        for m in &s.members {
+            by.entry((m.node.clone(), m.in_service))
+                .or_default()
+                .push(i);
+        }
+    }
+    by.into_iter()
+        .map(|((node, in_service), sets)| {
+            let n = nodes.iter().find(|n| n.name == node);
+            let sets_s = if sets.len() == v.sets.len() {
+                format!("all {}", sets.len())
+            } else {
+                sets.iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            vec![
+                node.clone(),
+                n.map(|n| n.zone.clone()).unwrap_or_default(),
+                n.map(|n| format!("{:?}", n.state).to_lowercase())
+                    .unwrap_or_else(|| "unknown".into()),
+                if in_service {
+                    "in-service".into()
+                } else {
+                    "out-of-service".into()
+                },
+                sets_s,
+            ]
+        })
+        .collect()
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(manager_urls(&cli.manager)?);
     let json = cli.output == Output::Json;
     match cli.cmd {
         Cmd::Up(_) => unreachable!("handled before the runtime starts"),
-        Cmd::Volume(VolumeCmd::Create { name, size }) => {
+        Cmd::Volume(VolumeCmd::Create {
+            name,
+            size,
+            replicas,
+            min_replicas,
+        }) => {
             let size = parse_size(&size).map_err(anyhow::Error::msg)?;
             let v = client
-                .create_volume(&api::CreateVolume { name, size })
+                .create_volume(&api::CreateVolume {
+                    name,
+                    size,
+                    replicas,
+                    min_replicas,
+                })
                 .await?;
             if json {
                 print_json(&v)?;
             } else {
-                println!("created volume {} ({}, id {})", v.name, human(v.size), v.id);
+                let nodes: std::collections::BTreeSet<&str> = v
+                    .sets
+                    .iter()
+                    .flat_map(|s| s.members.iter().map(|m| m.node.as_str()))
+                    .collect();
+                println!(
+                    "created volume {} ({}, id {}, {} replicas on {})",
+                    v.name,
+                    human(v.size),
+                    v.id,
+                    v.replicas,
+                    nodes.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        Cmd::Volume(VolumeCmd::Verify { name, secret_file }) => {
+            let code = verify::run(&client, &name, &secret_file, json).await?;
+            if code != 0 {
+                std::process::exit(code);
             }
         }
         Cmd::Volume(VolumeCmd::Ls) => {
@@ -167,22 +248,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Volume(VolumeCmd::Show { name }) => {
             let v = client.get_volume(&name).await?;
+            let lease = match client.get_lease(&name).await {
+                Ok(l) => Some(l),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            };
+            let nodes = client.list_nodes().await?.items;
             if json {
-                print_json(&v)?;
+                let mut j = serde_json::to_value(&v)?;
+                j["lease"] = serde_json::to_value(&lease)?;
+                print_json(&j)?;
             } else {
                 let rows = [
                     ("name", v.name.clone()),
                     ("id", v.id.to_string()),
                     ("size", format!("{} ({} bytes)", human(v.size), v.size)),
                     ("replicas", v.replicas.to_string()),
+                    ("min replicas", v.min_replicas.to_string()),
+                    (
+                        "lease",
+                        match &lease {
+                            Some(l) => format!("{} (epoch {})", l.holder, l.epoch),
+                            None => "none (not attached yet)".into(),
+                        },
+                    ),
                     ("chunk size", human(v.chunk_size)),
                     ("chunks", v.size.div_ceil(v.chunk_size).to_string()),
                     ("created", ago(v.created_ms)),
                     ("NBD export", v.name.clone()),
                 ];
                 for (k, val) in rows {
-                    println!("{k:<11} {val}");
+                    println!("{k:<12} {val}");
                 }
+                println!();
+                table::print(
+                    &["NODE", "ZONE", "NODE-STATE", "STATE", "SETS"],
+                    &replica_rows(&v, &nodes),
+                );
             }
         }
         Cmd::Volume(VolumeCmd::Rm { name }) => {

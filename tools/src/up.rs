@@ -55,6 +55,8 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
     let mgr_cfg = volume_mgr::Config {
         listen: args.listen.clone(),
         data_dir: data_dir.join("manager"),
+        // One host: volumes have one replica (a multi-host cluster runs the daemons).
+        default_replicas: 1,
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -79,6 +79,7 @@ fn start_manager() -> Mgr {
             Command::new(bin)
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
                 .arg(dir.path())
+                .args(["--default-replicas", "1"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -89,6 +90,7 @@ fn start_manager() -> Mgr {
             let cfg = volume_mgr::Config {
                 listen: format!("127.0.0.1:{port}"),
                 data_dir: dir.path().to_path_buf(),
+                default_replicas: 1,
                 ..Default::default()
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -284,9 +286,26 @@ fn volumes_nodes_and_disks() {
 
     let show = ok(&m, &["volume", "show", "vm1"]);
     assert!(show.contains("10 GiB (10737418240 bytes)"), "{show}");
-    assert!(show.contains("chunks      2560"), "{show}");
-    // -o json is the API's JSON.
-    let api_v: api::Volume = serde_json::from_value(json(&m, &["volume", "show", "vm1"])).unwrap();
+    assert!(show.contains("chunks       2560"), "{show}");
+    assert!(
+        show.contains("lease        none (not attached yet)"),
+        "{show}"
+    );
+    // The replicas: one row per node and state, with the chunk sets it holds.
+    let replicas = show.split("\n\n").nth(1).unwrap_or_default();
+    assert_aligned(replicas, &["NODE", "ZONE", "NODE-STATE", "STATE", "SETS"]);
+    // One replica per chunk set, spread over both nodes by their free space.
+    assert_eq!(replicas.lines().count(), 3, "{show}");
+    assert!(
+        replicas.contains("host-a  rack1  up          in-service"),
+        "{show}"
+    );
+    // -o json is the API's JSON plus the lease.
+    let mut jv = json(&m, &["volume", "show", "vm1"]);
+    assert!(jv["lease"].is_null());
+    jv.as_object_mut().unwrap().remove("lease");
+    let api_v: api::Volume = serde_json::from_value(jv).unwrap();
+    assert_eq!(api_v.sets.len(), 32);
     assert_eq!((api_v.name.as_str(), api_v.id), ("vm1", 1));
 
     assert_eq!(ok(&m, &["volume", "rm", "vm1"]), "deleted volume vm1\n");

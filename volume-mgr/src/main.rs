@@ -30,6 +30,9 @@ struct Args {
     /// Provisioned bytes allowed per byte of disk capacity [default: 1.0]
     #[arg(long)]
     overcommit: Option<f64>,
+    /// Replicas of a volume created without --replicas [default: 3]
+    #[arg(long)]
+    default_replicas: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -41,6 +44,7 @@ struct File {
     etcd_endpoints: Option<String>,
     down_after: Option<String>,
     overcommit: Option<f64>,
+    default_replicas: Option<u32>,
 }
 
 fn config(a: Args) -> Result<Config, String> {
@@ -92,6 +96,11 @@ fn config(a: Args) -> Result<Config, String> {
             Some(o) if o > 0.0 && o.is_finite() => o,
             Some(o) => return Err(format!("overcommit must be a positive number, got {o}")),
             None => d.overcommit,
+        },
+        default_replicas: match a.default_replicas.or(f.default_replicas) {
+            Some(r) if (1..=16).contains(&r) => r,
+            Some(r) => return Err(format!("default-replicas must be 1..=16, got {r}")),
+            None => d.default_replicas,
         },
     })
 }

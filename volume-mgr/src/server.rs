@@ -38,6 +38,8 @@ pub struct Config {
     pub down_after: Duration,
     /// Provisioned volume bytes allowed per byte of raw disk capacity.
     pub overcommit: f64,
+    /// Replicas of a volume created without `replicas`.
+    pub default_replicas: u32,
 }
 
 impl Default for Config {
@@ -47,6 +49,7 @@ impl Default for Config {
             data_dir: "/var/lib/fabric/manager".into(),
             down_after: Duration::from_secs(5),
             overcommit: 1.0,
+            default_replicas: 3,
         }
     }
 }
@@ -372,6 +375,16 @@ async fn create_volume(
             req.size
         )));
     }
+    let replicas = req.replicas.unwrap_or(app.cfg.default_replicas);
+    if !(1..=16).contains(&replicas) {
+        return Err(bad(format!("replicas must be 1 to 16, got {replicas}")));
+    }
+    let min_replicas = req.min_replicas.unwrap_or(replicas.min(2));
+    if !(1..=replicas).contains(&min_replicas) {
+        return Err(bad(format!(
+            "min_replicas must be 1 to replicas ({replicas}), got {min_replicas}"
+        )));
+    }
     let _g = app.mutate.lock().await;
     if app.store.get(Kind::Volume, &req.name)?.is_some() {
         return Err(Error(
@@ -392,15 +405,17 @@ async fn create_volume(
     let (_, vols) = app.store.list(Kind::Volume)?;
     let mut provisioned = 0u64;
     for (_, b) in &vols {
-        provisioned = provisioned.saturating_add(decode::<api::Volume>(b)?.size);
+        let v = decode::<api::Volume>(b)?;
+        provisioned = provisioned.saturating_add(v.size.saturating_mul(v.replicas.max(1) as u64));
     }
+    let want = req.size.saturating_mul(replicas as u64);
     let limit = (capacity as f64 * app.cfg.overcommit) as u64;
-    if provisioned.saturating_add(req.size) > limit {
+    if provisioned.saturating_add(want) > limit {
         return Err(Error(
             StatusCode::INSUFFICIENT_STORAGE,
             "no_capacity",
             format!(
-                "no capacity for {}: {} of {} already provisioned (disk capacity {}, overcommit {})",
+                "no capacity for {} x {replicas} replicas: {} of {} already provisioned (disk capacity {}, overcommit {})",
                 api::human_bytes(req.size),
                 api::human_bytes(provisioned),
                 api::human_bytes(limit),
@@ -409,19 +424,50 @@ async fn create_volume(
             ),
         ));
     }
+    let candidates = placement_candidates(&app, &ds)?;
     let cur = app.store.get(Kind::Meta, "next_volume_id")?;
     let id = match &cur {
         Some(b) => decode::<u64>(b)?,
         None => 1,
     };
+    let chunks = req.size.div_ceil(api::DEFAULT_CHUNK_SIZE);
+    let nsets = chunks.clamp(1, MAX_SETS);
+    let mut sets = Vec::with_capacity(nsets as usize);
+    for s in 0..nsets {
+        let nodes =
+            crate::placement::place(id, s, &candidates, replicas as usize).map_err(|e| {
+                let up: Vec<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
+                Error(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "no_capacity",
+                    format!(
+                        "cannot place {replicas} replicas: {e} (up nodes with free space: {})",
+                        if up.is_empty() {
+                            "none".to_string()
+                        } else {
+                            up.join(", ")
+                        }
+                    ),
+                )
+            })?;
+        sets.push(api::ChunkSet {
+            members: nodes
+                .into_iter()
+                .map(|node| api::Member {
+                    node,
+                    in_service: true,
+                })
+                .collect(),
+        });
+    }
     let vol = api::Volume {
         name: req.name.clone(),
         id,
         size: req.size,
         chunk_size: api::DEFAULT_CHUNK_SIZE,
-        replicas: 1,
-        min_replicas: 1,
-        sets: Vec::new(), // placement: being added (issue 3)
+        replicas,
+        min_replicas,
+        sets,
         created_ms: now_ms(),
     };
     let rev = app.store.commit(
@@ -435,8 +481,146 @@ async fn create_volume(
         ],
     )?;
     app.volume_rev.send_replace(rev);
-    tracing::info!(volume = %vol.name, id, size = vol.size, "volume created");
+    tracing::info!(volume = %vol.name, id, size = vol.size, replicas, sets = vol.sets.len(), "volume created");
     Ok((StatusCode::CREATED, Json(vol)))
+}
+
+/// Most chunk sets per volume (each is placed on its own R nodes).
+pub const MAX_SETS: u64 = 32;
+
+/// Up nodes with free space, weighted by it, in their zones.
+fn placement_candidates(
+    app: &App,
+    ds: &[api::Disk],
+) -> ApiResult<Vec<crate::placement::Candidate>> {
+    let (_, nodes) = app.store.list(Kind::Node)?;
+    let mut out = Vec::new();
+    for (_, b) in nodes {
+        let n = with_liveness(app, decode::<api::Node>(&b)?);
+        if n.state != api::NodeState::Up {
+            continue;
+        }
+        let free: u64 = ds
+            .iter()
+            .filter(|d| d.node == n.name)
+            .map(|d| d.capacity.saturating_sub(d.used))
+            .sum();
+        if free == 0 {
+            continue;
+        }
+        out.push(crate::placement::Candidate {
+            zone: n.zone.clone(),
+            name: n.name,
+            weight: free as f64,
+        });
+    }
+    Ok(out)
+}
+
+/// The lease holder records a replica in or out of service (durably, before it acts on it).
+/// The last in-service replica of a set is never recorded out: it is the only copy known to
+/// hold every acknowledged write.
+async fn update_replicas(
+    State(app): State<AppState>,
+    Name(name): Name,
+    Body(req): Body<api::ReplicaUpdate>,
+) -> ApiResult<Json<api::Volume>> {
+    let _g = app.mutate.lock().await;
+    let cur_v = app
+        .store
+        .get(Kind::Volume, &name)?
+        .ok_or_else(|| not_found(format!("volume {name} not found")))?;
+    let cur_l = app.store.get(Kind::Lease, &name)?;
+    let lease: Option<api::Lease> = cur_l.as_deref().map(decode).transpose()?;
+    match &lease {
+        Some(l) if l.epoch == req.epoch => {}
+        Some(l) => {
+            return Err(Error(
+                StatusCode::CONFLICT,
+                "stale_lease",
+                format!(
+                    "epoch {} is stale: {} holds the lease of {name} with epoch {}",
+                    req.epoch, l.holder, l.epoch
+                ),
+            ))
+        }
+        None => {
+            return Err(Error(
+                StatusCode::CONFLICT,
+                "stale_lease",
+                format!("volume {name} has no lease"),
+            ))
+        }
+    }
+    let mut vol: api::Volume = decode(&cur_v)?;
+    if !vol
+        .sets
+        .iter()
+        .any(|s| s.members.iter().any(|m| m.node == req.node))
+    {
+        return Err(bad(format!(
+            "node {} holds no replica of volume {name}",
+            req.node
+        )));
+    }
+    let indices: Vec<usize> = match &req.sets {
+        None => (0..vol.sets.len()).collect(),
+        Some(v) => {
+            if let Some(bad_set) = v.iter().find(|s| **s as usize >= vol.sets.len()) {
+                return Err(bad(format!(
+                    "set {bad_set} does not exist (volume {name} has {} sets)",
+                    vol.sets.len()
+                )));
+            }
+            v.iter().map(|s| *s as usize).collect()
+        }
+    };
+    let mut changed = 0;
+    let mut kept = Vec::new();
+    for i in indices {
+        let set = &mut vol.sets[i];
+        let others_in = set
+            .members
+            .iter()
+            .filter(|m| m.in_service && m.node != req.node)
+            .count();
+        if let Some(m) = set.members.iter_mut().find(|m| m.node == req.node) {
+            if m.in_service == req.in_service {
+                continue;
+            }
+            if !req.in_service && others_in == 0 {
+                kept.push(i);
+                continue;
+            }
+            m.in_service = req.in_service;
+            changed += 1;
+        }
+    }
+    if !kept.is_empty() {
+        tracing::warn!(volume = %name, node = %req.node, sets = ?kept, "not recording the last in-service replica out of service");
+    }
+    if changed == 0 {
+        return Ok(Json(vol));
+    }
+    let rev = app.store.commit(
+        &[
+            Cond::Equals(Kind::Volume, name.clone(), Some(cur_v)),
+            Cond::Equals(Kind::Lease, name.clone(), cur_l),
+        ],
+        &[Op::Put(Kind::Volume, name.clone(), encode(&vol))],
+    )?;
+    app.volume_rev.send_replace(rev);
+    tracing::info!(volume = %name, node = %req.node, in_service = req.in_service, sets = changed, epoch = req.epoch, "replica state recorded");
+    Ok(Json(vol))
+}
+
+async fn list_leases(State(app): State<AppState>) -> ApiResult<Json<api::List<api::Lease>>> {
+    let (revision, items) = app.store.list(Kind::Lease)?;
+    let items = items
+        .iter()
+        .map(|(_, b)| decode(b))
+        .collect::<ApiResult<Vec<api::Lease>>>()?;
+    Ok(Json(api::List { revision, items }))
 }
 
 #[derive(Deserialize)]
@@ -605,6 +789,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/disks", get(list_disks))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route(
+            "/v1/volumes/{name}/replicas",
+            axum::routing::post(update_replicas),
+        )
+        .route("/v1/leases", get(list_leases))
         .route(
             "/v1/volumes/{name}/lease",
             axum::routing::post(acquire_lease).get(get_lease),

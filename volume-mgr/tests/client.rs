@@ -83,6 +83,8 @@ async fn every_method(url: &str) {
         .create_volume(&api::CreateVolume {
             name: "vm1".into(),
             size: 256 << 20,
+            replicas: Some(1),
+            min_replicas: None,
         })
         .await
         .unwrap();
@@ -96,6 +98,8 @@ async fn every_method(url: &str) {
     let dup = api::CreateVolume {
         name: "vm1".into(),
         size: 4096,
+        replicas: Some(1),
+        min_replicas: None,
     };
     let (s, code, msg) = api_err(c.create_volume(&dup).await.unwrap_err());
     assert_eq!((s, code.as_str()), (409, "already_exists"));
@@ -103,6 +107,8 @@ async fn every_method(url: &str) {
     let big = api::CreateVolume {
         name: "big".into(),
         size: 1 << 30,
+        replicas: Some(1),
+        min_replicas: None,
     };
     let (s, code, msg) = api_err(c.create_volume(&big).await.unwrap_err());
     assert_eq!((s, code.as_str()), (507, "no_capacity"));
@@ -111,6 +117,8 @@ async fn every_method(url: &str) {
     let slash = api::CreateVolume {
         name: "a/b".into(),
         size: 4096,
+        replicas: Some(1),
+        min_replicas: None,
     };
     let (s, code, _) = api_err(c.create_volume(&slash).await.unwrap_err());
     assert_eq!((s, code.as_str()), (400, "invalid_argument"));
