@@ -88,7 +88,15 @@ fn fabric_daemons_across_namespace_hosts() {
         let o = fabctl(&["-o", "json", "node", "ls"]);
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"up\"")
     });
-    let o = fabctl(&["volume", "create", "xvol", "--size", "64M"]);
+    let o = fabctl(&[
+        "volume",
+        "create",
+        "xvol",
+        "--size",
+        "64M",
+        "--replicas",
+        "1",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let url = format!("nbd://{}:10809/xvol", b.addr);
     let qio = |cmd: &str| {
