@@ -149,7 +149,8 @@ pub struct ReplicaUpdate {
     pub epoch: u64,
     pub node: String,
     pub in_service: bool,
-    /// Set indices; None = every set that has `node`.
+    /// Set indices; None = every set that has `node` (listed sets without it are left
+    /// alone). Recording out never takes a set's last in-service replica: that set keeps it.
     #[serde(default)]
     pub sets: Option<Vec<u32>>,
 }

@@ -187,6 +187,9 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:1");
         assert_eq!(c.down_after, Duration::from_millis(1500));
         assert_eq!(c.overcommit, 2.5);
+        assert_eq!(c.default_replicas, 3);
+        let c = cfg(&["--data-dir", "/d", "--default-replicas", "1"]).unwrap();
+        assert_eq!(c.default_replicas, 1);
     }
 
     #[test]
@@ -195,7 +198,7 @@ mod tests {
         let f = dir.path().join("m.toml");
         std::fs::write(
             &f,
-            "listen = \"127.0.0.1:9\"\ndata-dir = \"/from-file\"\ndown-after = \"2m\"\novercommit = 3.0\n",
+            "listen = \"127.0.0.1:9\"\ndata-dir = \"/from-file\"\ndown-after = \"2m\"\novercommit = 3.0\ndefault-replicas = 2\n",
         )
         .unwrap();
         let p = f.to_str().unwrap();
@@ -204,6 +207,7 @@ mod tests {
         assert_eq!(c.data_dir, std::path::PathBuf::from("/from-file"));
         assert_eq!(c.down_after, Duration::from_secs(120));
         assert_eq!(c.overcommit, 3.0);
+        assert_eq!(c.default_replicas, 2);
         let c = cfg(&[
             "--config",
             p,
@@ -231,6 +235,8 @@ mod tests {
         assert!(e(&["--data-dir", "/d", "--down-after", "5 parsecs"]).contains("down-after"));
         assert!(e(&["--data-dir", "/d", "--down-after", "0s"]).contains("more than 0"));
         assert!(e(&["--data-dir", "/d", "--overcommit", "0"]).contains("positive"));
+        assert!(e(&["--data-dir", "/d", "--default-replicas", "0"]).contains("1..=16"));
+        assert!(e(&["--data-dir", "/d", "--default-replicas", "17"]).contains("1..=16"));
         assert!(e(&["--config", "/nonexistent/m.toml"]).contains("/nonexistent/m.toml"));
     }
 }

@@ -6,7 +6,8 @@
 //! placement, and adding or removing a node only moves the chunks whose best scores involve
 //! that node (about R/N of them), never a reshuffle.
 //!
-//! Groundwork for replicated volumes (issue 3): not yet wired into volume creation.
+//! Volume creation places each chunk set with it (`server::create_volume`), over the up
+//! nodes weighted by their free bytes.
 
 /// A node as placement sees it.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,7 +5,8 @@
 //! Every error is an `api::ApiError` `{code, message}` (one line): 400 `invalid_argument`
 //! (bad name, size, address, query, path or JSON), 415 `unsupported_media_type`, 404
 //! `not_found` (also unknown routes), 405 `method_not_allowed`, 409 `already_exists`, 409
-//! `conflict` (a concurrent change; retry), 507 `no_capacity` (chosen over 409: it is the
+//! `conflict` (a concurrent change; retry), 409 `stale_lease` (a replica update carrying an
+//! epoch that is not the volume's current lease epoch), 507 `no_capacity` (chosen over 409: it is the
 //! cluster that is short of space, not the request that clashes with state; the message says
 //! how much is provisioned of what), 503 `store_unavailable`.
 
@@ -415,8 +416,10 @@ async fn create_volume(
             StatusCode::INSUFFICIENT_STORAGE,
             "no_capacity",
             format!(
-                "no capacity for {} x {replicas} replicas: {} of {} already provisioned (disk capacity {}, overcommit {})",
+                "no capacity for {} x {replicas} {} ({} of disk): {} of {} already provisioned (disk capacity {}, overcommit {})",
                 api::human_bytes(req.size),
+                if replicas == 1 { "replica" } else { "replicas" },
+                api::human_bytes(want),
                 api::human_bytes(provisioned),
                 api::human_bytes(limit),
                 api::human_bytes(capacity),
@@ -425,6 +428,7 @@ async fn create_volume(
         ));
     }
     let candidates = placement_candidates(&app, &ds)?;
+    check_domains(&candidates, replicas)?;
     let cur = app.store.get(Kind::Meta, "next_volume_id")?;
     let id = match &cur {
         Some(b) => decode::<u64>(b)?,
@@ -434,22 +438,8 @@ async fn create_volume(
     let nsets = chunks.clamp(1, MAX_SETS);
     let mut sets = Vec::with_capacity(nsets as usize);
     for s in 0..nsets {
-        let nodes =
-            crate::placement::place(id, s, &candidates, replicas as usize).map_err(|e| {
-                let up: Vec<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
-                Error(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "no_capacity",
-                    format!(
-                        "cannot place {replicas} replicas: {e} (up nodes with free space: {})",
-                        if up.is_empty() {
-                            "none".to_string()
-                        } else {
-                            up.join(", ")
-                        }
-                    ),
-                )
-            })?;
+        let nodes = crate::placement::place(id, s, &candidates, replicas as usize)
+            .map_err(|e| no_capacity(format!("cannot place {replicas} replicas: {e}")))?;
         sets.push(api::ChunkSet {
             members: nodes
                 .into_iter()
@@ -483,6 +473,41 @@ async fn create_volume(
     app.volume_rev.send_replace(rev);
     tracing::info!(volume = %vol.name, id, size = vol.size, replicas, sets = vol.sets.len(), "volume created");
     Ok((StatusCode::CREATED, Json(vol)))
+}
+
+fn no_capacity(msg: String) -> Error {
+    Error(StatusCode::INSUFFICIENT_STORAGE, "no_capacity", msg)
+}
+
+/// Refuses (507) when fewer than `replicas` failure domains (zones) have an up node with
+/// free space; the message names the domains there are.
+fn check_domains(candidates: &[crate::placement::Candidate], replicas: u32) -> ApiResult<()> {
+    let mut zones: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for c in candidates.iter().filter(|c| c.weight > 0.0) {
+        zones.entry(&c.zone).or_default().push(&c.name);
+    }
+    if zones.len() >= replicas as usize {
+        return Ok(());
+    }
+    let have = if zones.is_empty() {
+        "none (no node is up with free disk space)".to_string()
+    } else {
+        zones
+            .iter()
+            .map(|(z, nodes)| {
+                if nodes.len() == 1 && nodes[0] == *z {
+                    z.to_string()
+                } else {
+                    format!("{z} ({})", nodes.join(", "))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(no_capacity(format!(
+        "need {replicas} failure domains (zones) with free capacity for {replicas} replicas, only {} available: {have}",
+        zones.len()
+    )))
 }
 
 /// Most chunk sets per volume (each is placed on its own R nodes).

@@ -150,6 +150,47 @@ async fn every_method(url: &str) {
     assert!(r.revision > l.revision && r.items.is_empty());
     assert!(c.delete_volume("vm1").await.unwrap_err().is_not_found());
     assert!(c.get_volume("vm1").await.unwrap_err().is_not_found());
+
+    // Leases and replica state.
+    let v = c
+        .create_volume(&api::CreateVolume {
+            name: "vm2".into(),
+            size: 8 << 20,
+            replicas: None, // this manager's --default-replicas: 1
+            min_replicas: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((v.replicas, v.min_replicas, v.sets.len()), (1, 1, 2));
+    assert!(c.list_leases().await.unwrap().items.is_empty());
+    let out = api::ReplicaUpdate {
+        epoch: 1,
+        node: "n1".into(),
+        in_service: false,
+        sets: None,
+    };
+    let (s, code, msg) = api_err(c.update_replicas("vm2", &out).await.unwrap_err());
+    assert_eq!((s, code.as_str()), (409, "stale_lease"), "{msg}");
+    let lease = c.acquire_lease("vm2", "n1").await.unwrap();
+    assert_eq!(lease.epoch, 1);
+    assert_eq!(c.list_leases().await.unwrap().items, vec![lease.clone()]);
+    // The only replica is the last in-service one: it stays in.
+    let after = c.update_replicas("vm2", &out).await.unwrap();
+    assert_eq!(after, v);
+    let (s, code, _) = api_err(
+        c.update_replicas(
+            "vm2",
+            &api::ReplicaUpdate {
+                sets: Some(vec![2]),
+                ..out.clone()
+            },
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((s, code.as_str()), (400, "invalid_argument"));
+    c.delete_volume("vm2").await.unwrap();
+    assert!(c.list_leases().await.unwrap().items.is_empty());
 }
 
 #[test]

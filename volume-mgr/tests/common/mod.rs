@@ -53,12 +53,19 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_volume-mgr")
 }
 
-/// Starts volume-mgr on `dir` and waits for `/healthz`.
+/// Starts volume-mgr on `dir` and waits for `/healthz`. Volumes get one replica unless
+/// `extra` sets `--default-replicas` (most tests register a single node).
 pub fn start(dir: &Path, extra: &[&str]) -> Mgr {
     let port = free_port();
+    let default_replicas: &[&str] = if extra.contains(&"--default-replicas") {
+        &[]
+    } else {
+        &["--default-replicas", "1"]
+    };
     let mut child = Command::new(bin())
         .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir)
+        .args(default_replicas)
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
