@@ -153,39 +153,57 @@ fn volume_rows(vs: &[api::Volume]) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// One row per (node, replica state) with the sets it covers, so a 32-set volume on three
-/// nodes stays three lines when healthy.
+/// Set indices for humans: `0-4,7,9-31`.
+fn set_ranges(sets: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sets.len() {
+        let mut j = i;
+        while j + 1 < sets.len() && sets[j + 1] == sets[j] + 1 {
+            j += 1;
+        }
+        out.push(match j - i {
+            0 => sets[i].to_string(),
+            1 => format!("{},{}", sets[i], sets[j]),
+            _ => format!("{}-{}", sets[i], sets[j]),
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// The replica table of `volume show`: one row per (node, replica state) with the chunk sets
+/// it covers, so a 32-set volume on three nodes stays three lines while healthy. Columns:
+/// SETS, NODE, ZONE, STATE (in-service / out-of-service), NODE-STATE (up / down).
 fn replica_rows(v: &api::Volume, nodes: &[api::Node]) -> Vec<Vec<String>> {
+    // In-service rows first for each node.
     let mut by: std::collections::BTreeMap<(String, bool), Vec<usize>> = Default::default();
     for (i, s) in v.sets.iter().enumerate() {
         for m in &s.members {
-            by.entry((m.node.clone(), m.in_service))
+            by.entry((m.node.clone(), !m.in_service))
                 .or_default()
                 .push(i);
         }
     }
     by.into_iter()
-        .map(|((node, in_service), sets)| {
+        .map(|((node, out), sets)| {
             let n = nodes.iter().find(|n| n.name == node);
-            let sets_s = if sets.len() == v.sets.len() {
+            let sets_s = if sets.len() == v.sets.len() && sets.len() > 1 {
                 format!("all {}", sets.len())
             } else {
-                sets.iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
+                set_ranges(&sets)
             };
             vec![
+                sets_s,
                 node.clone(),
-                n.map(|n| n.zone.clone()).unwrap_or_default(),
+                n.map(|n| n.zone.clone()).unwrap_or_else(|| "-".into()),
+                if out {
+                    "out-of-service".into()
+                } else {
+                    "in-service".into()
+                },
                 n.map(|n| format!("{:?}", n.state).to_lowercase())
                     .unwrap_or_else(|| "unknown".into()),
-                if in_service {
-                    "in-service".into()
-                } else {
-                    "out-of-service".into()
-                },
-                sets_s,
             ]
         })
         .collect()
@@ -220,11 +238,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .flat_map(|s| s.members.iter().map(|m| m.node.as_str()))
                     .collect();
                 println!(
-                    "created volume {} ({}, id {}, {} replicas on {})",
+                    "created volume {} ({}, id {}, {} {} on {})",
                     v.name,
                     human(v.size),
                     v.id,
                     v.replicas,
+                    if v.replicas == 1 {
+                        "replica"
+                    } else {
+                        "replicas"
+                    },
                     nodes.into_iter().collect::<Vec<_>>().join(", ")
                 );
             }
@@ -269,11 +292,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "lease",
                         match &lease {
                             Some(l) => format!("{} (epoch {})", l.holder, l.epoch),
-                            None => "none (not attached yet)".into(),
+                            None => "none".into(),
                         },
                     ),
                     ("chunk size", human(v.chunk_size)),
                     ("chunks", v.size.div_ceil(v.chunk_size).to_string()),
+                    ("chunk sets", v.sets.len().to_string()),
                     ("created", ago(v.created_ms)),
                     ("NBD export", v.name.clone()),
                 ];
@@ -281,10 +305,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{k:<12} {val}");
                 }
                 println!();
-                table::print(
-                    &["NODE", "ZONE", "NODE-STATE", "STATE", "SETS"],
-                    &replica_rows(&v, &nodes),
-                );
+                if v.sets.is_empty() {
+                    println!("no placement recorded (a volume from before replication)");
+                } else {
+                    table::print(
+                        &["SETS", "NODE", "ZONE", "STATE", "NODE-STATE"],
+                        &replica_rows(&v, &nodes),
+                    );
+                }
             }
         }
         Cmd::Volume(VolumeCmd::Rm { name }) => {
@@ -393,6 +421,69 @@ mod tests {
         for bad in ["", ",", "a:1", "https://a:1", "http://", "http://a:1/v1"] {
             assert!(manager_urls(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn set_ranges_are_short() {
+        assert_eq!(set_ranges(&[]), "");
+        assert_eq!(set_ranges(&[3]), "3");
+        assert_eq!(set_ranges(&[0, 1]), "0,1");
+        assert_eq!(set_ranges(&[0, 1, 2, 3, 5, 7, 8, 9, 31]), "0-3,5,7-9,31");
+    }
+
+    fn vol(sets: Vec<Vec<(&str, bool)>>) -> api::Volume {
+        api::Volume {
+            name: "v".into(),
+            id: 1,
+            size: 1 << 30,
+            chunk_size: api::DEFAULT_CHUNK_SIZE,
+            replicas: 2,
+            min_replicas: 2,
+            sets: sets
+                .into_iter()
+                .map(|ms| api::ChunkSet {
+                    members: ms
+                        .into_iter()
+                        .map(|(n, i)| api::Member {
+                            node: n.into(),
+                            in_service: i,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn replica_rows_group_by_node_and_state() {
+        let node = |name: &str, state| api::Node {
+            name: name.into(),
+            address: "127.0.0.1:1".into(),
+            nbd_address: String::new(),
+            nbd_socket: None,
+            zone: format!("z-{name}"),
+            state,
+            last_heartbeat_ms: 0,
+            registered_ms: 0,
+        };
+        let nodes = [
+            node("a", api::NodeState::Up),
+            node("b", api::NodeState::Down),
+        ];
+        let v = vol(vec![
+            vec![("a", true), ("b", false)],
+            vec![("b", true), ("a", true)],
+            vec![("a", true), ("c", true)],
+        ]);
+        let rows = replica_rows(&v, &nodes);
+        let want = [
+            ["all 3", "a", "z-a", "in-service", "up"],
+            ["1", "b", "z-b", "in-service", "down"],
+            ["0", "b", "z-b", "out-of-service", "down"],
+            ["2", "c", "-", "in-service", "unknown"],
+        ];
+        assert_eq!(rows, want.map(|r| r.map(String::from).to_vec()).to_vec());
     }
 
     #[test]

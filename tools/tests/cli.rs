@@ -287,19 +287,15 @@ fn volumes_nodes_and_disks() {
     let show = ok(&m, &["volume", "show", "vm1"]);
     assert!(show.contains("10 GiB (10737418240 bytes)"), "{show}");
     assert!(show.contains("chunks       2560"), "{show}");
-    assert!(
-        show.contains("lease        none (not attached yet)"),
-        "{show}"
-    );
+    assert!(show.contains("lease        none\n"), "{show}");
+    assert!(show.contains("chunk sets   32\n"), "{show}");
     // The replicas: one row per node and state, with the chunk sets it holds.
     let replicas = show.split("\n\n").nth(1).unwrap_or_default();
-    assert_aligned(replicas, &["NODE", "ZONE", "NODE-STATE", "STATE", "SETS"]);
+    assert_aligned(replicas, &["SETS", "NODE", "ZONE", "STATE", "NODE-STATE"]);
     // One replica per chunk set, spread over both nodes by their free space.
     assert_eq!(replicas.lines().count(), 3, "{show}");
-    assert!(
-        replicas.contains("host-a  rack1  up          in-service"),
-        "{show}"
-    );
+    let row = replicas.lines().find(|l| l.contains("host-a")).unwrap();
+    assert!(row.contains("  host-a  rack1  in-service  up"), "{show}");
     // -o json is the API's JSON plus the lease.
     let mut jv = json(&m, &["volume", "show", "vm1"]);
     assert!(jv["lease"].is_null());
@@ -319,6 +315,149 @@ fn volumes_nodes_and_disks() {
     assert_eq!(
         json(&m, &["volume", "create", "vm1", "--size", "1G"])["id"],
         7
+    );
+}
+
+/// Registers `name` in `zone` with one empty disk of `capacity` bytes.
+fn register_in(m: &Mgr, name: &str, zone: &str, capacity: u64) {
+    let c = volume_mgr::client::Client::new(vec![m.url.clone()]);
+    let req = api::RegisterNode {
+        address: "127.0.0.1:7800".into(),
+        nbd_address: "127.0.0.1:10809".into(),
+        nbd_socket: None,
+        zone: Some(zone.into()),
+        disks: vec![api::DiskSpec {
+            path: "/d0".into(),
+            capacity,
+            used: 0,
+        }],
+    };
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(c.register_node(name, &req))
+        .unwrap();
+}
+
+#[test]
+fn replicated_volumes() {
+    let m = start_manager(); // --default-replicas 1
+    register_in(&m, "h1", "z1", 1 << 40);
+    register_in(&m, "h2", "z2", 1 << 40);
+    // Two zones cannot hold three replicas: one line with the reason.
+    let e = fails(fabctl(
+        &m,
+        &["volume", "create", "r3", "--size", "1G", "--replicas", "3"],
+    ));
+    assert_eq!(
+        e,
+        "fabctl: need 3 failure domains (zones) with free capacity for 3 replicas, only 2 available: z1 (h1), z2 (h2) (no_capacity, HTTP 507)"
+    );
+    for (args, want) in [
+        (&["--replicas", "0"][..], "replicas must be 1 to 16, got 0"),
+        (&["--replicas", "17"], "replicas must be 1 to 16, got 17"),
+        (
+            &["--replicas", "2", "--min-replicas", "3"],
+            "min_replicas must be 1 to replicas (2), got 3",
+        ),
+    ] {
+        let mut a = vec!["volume", "create", "r3", "--size", "1G"];
+        a.extend_from_slice(args);
+        let e = fails(fabctl(&m, &a));
+        assert!(e.contains(want) && e.contains("invalid_argument"), "{e}");
+    }
+    register_in(&m, "h3", "z3", 1 << 40);
+    let out = ok(
+        &m,
+        &["volume", "create", "r3", "--size", "1G", "--replicas", "3"],
+    );
+    assert_eq!(
+        out,
+        "created volume r3 (1 GiB, id 1, 3 replicas on h1, h2, h3)\n"
+    );
+    let v = json(
+        &m,
+        &[
+            "volume",
+            "create",
+            "r2",
+            "--size",
+            "8M",
+            "--replicas",
+            "2",
+            "--min-replicas",
+            "1",
+        ],
+    );
+    assert_eq!(
+        (v["replicas"].clone(), v["min_replicas"].clone()),
+        (2.into(), 1.into())
+    );
+    ok(&m, &["volume", "create", "r1", "--size", "8M"]);
+    // ls: the REPLICAS column.
+    let table = ok(&m, &["volume", "ls"]);
+    assert_aligned(&table, &["r1", "3", "8 MiB", "1", "4 MiB"]);
+    assert_aligned(&table, &["r2", "2", "8 MiB", "2", "4 MiB"]);
+    assert_aligned(&table, &["r3", "1", "1 GiB", "3", "4 MiB"]);
+
+    // show: the header, then one row per node (every set on every node, all in service).
+    let show = ok(&m, &["volume", "show", "r3"]);
+    for line in [
+        "name         r3\n",
+        "replicas     3\n",
+        "min replicas 2\n",
+        "lease        none\n",
+        "chunk sets   32\n",
+    ] {
+        assert!(show.contains(line), "{line:?} in\n{show}");
+    }
+    let replicas = show.split("\n\n").nth(1).unwrap();
+    assert_eq!(
+        replicas,
+        "SETS    NODE  ZONE  STATE       NODE-STATE\n\
+         all 32  h1    z1    in-service  up\n\
+         all 32  h2    z2    in-service  up\n\
+         all 32  h3    z3    in-service  up\n"
+    );
+    // The lease holder records h2 out of service in two sets: those rows split out.
+    let c = volume_mgr::client::Client::new(vec![m.url.clone()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lease = rt.block_on(c.acquire_lease("r3", "h1")).unwrap();
+    rt.block_on(c.update_replicas(
+        "r3",
+        &api::ReplicaUpdate {
+            epoch: lease.epoch,
+            node: "h2".into(),
+            in_service: false,
+            sets: Some(vec![0, 5]),
+        },
+    ))
+    .unwrap();
+    let show = ok(&m, &["volume", "show", "r3"]);
+    assert!(show.contains("lease        h1 (epoch 1)\n"), "{show}");
+    let replicas = show.split("\n\n").nth(1).unwrap();
+    assert_eq!(
+        replicas,
+        "SETS      NODE  ZONE  STATE           NODE-STATE\n\
+         all 32    h1    z1    in-service      up\n\
+         1-4,6-31  h2    z2    in-service      up\n\
+         0,5       h2    z2    out-of-service  up\n\
+         all 32    h3    z3    in-service      up\n"
+    );
+    // -o json: the API's Volume plus the lease.
+    let mut jv = json(&m, &["volume", "show", "r3"]);
+    assert_eq!(jv["lease"]["holder"], "h1");
+    assert_eq!(jv["lease"]["epoch"], 1);
+    jv.as_object_mut().unwrap().remove("lease");
+    let v: api::Volume = serde_json::from_value(jv).unwrap();
+    assert_eq!(v, rt.block_on(c.get_volume("r3")).unwrap());
+    assert_eq!(v.sets.len(), 32);
+    assert!(
+        !v.sets[5]
+            .members
+            .iter()
+            .find(|m| m.node == "h2")
+            .unwrap()
+            .in_service
     );
 }
 
