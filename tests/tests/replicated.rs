@@ -47,6 +47,9 @@ fn fio(url: &str, size: &str, rate: Option<&str>, verify_only: bool) -> Command 
         "--verify=crc32c",
         "--verify_fatal=1",
         "--verify_state_save=0",
+        // Jobs as threads: a forked nbd job whose server died spins on in its own session,
+        // out of reach of the kill below.
+        "--thread",
     ]);
     if let Some(r) = rate {
         c.arg(format!("--rate={r}"));
@@ -59,6 +62,20 @@ fn fio(url: &str, size: &str, rate: Option<&str>, verify_only: bool) -> Command 
     c
 }
 
+/// Waits for a client at most `limit`, then kills it (a client whose server died may spin).
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> Option<std::process::Output> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().ok();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 fn run_fio_with_fault(c: &mut Cluster, fault: impl FnOnce(&mut Cluster)) {
     // About 4 s of writing (48 MiB at 12 MiB/s); the fault strikes after 1.5 s.
     let url = c.url(1, "vol");
@@ -69,7 +86,8 @@ fn run_fio_with_fault(c: &mut Cluster, fault: impl FnOnce(&mut Cluster)) {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     fault(c);
-    let out = w.wait_with_output().unwrap();
+    let out = wait_bounded(w, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("fio did not finish within 60 s\n{}", c.logs()));
     assert!(
         out.status.success(),
         "writes failed while a replica was lost:\n{}{}\n{}",
@@ -121,7 +139,7 @@ fn gateway_killed_mid_write_reattaches_elsewhere_consistently() {
     );
     assert!(ok, "{out}");
     // Phase 2, killed mid-way (with the gateway's host, which also holds a replica).
-    let mut w = fio(&c.url(1, "vol"), "96M", Some("16m"), false)
+    let w = fio(&c.url(1, "vol"), "96M", Some("16m"), false)
         .arg("--offset=16M")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -129,7 +147,9 @@ fn gateway_killed_mid_write_reattaches_elsewhere_consistently() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     c.kill_node(1);
-    let _ = w.wait();
+    // Its server is gone; the writer's result does not matter (and it may hang): stop it.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = wait_bounded(w, Duration::from_secs(1));
     // Re-attach through host 2: phase 1 is intact ...
     let (ok, out) = qemu_io(
         &c.url(2, "vol"),
@@ -189,7 +209,7 @@ fn stale_gateway_gets_every_write_refused() {
     writeln!(stdin, "read -P 0x33 0 4k").unwrap();
     writeln!(stdin, "quit").unwrap();
     drop(stdin);
-    let out = old.wait_with_output().unwrap();
+    let out = wait_bounded(old, Duration::from_secs(60)).expect("qemu-io did not exit");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
