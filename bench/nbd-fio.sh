@@ -114,7 +114,7 @@ for i in $(seq 300); do node_up && break; kill -0 $BLOCKD 2>/dev/null || break; 
 node_up || { tail -20 "$WORK/blockd.log" >&2; die "blockd node 'bench' not listed as up by fabctl node ls"; }
 logcmd "$BIN/fabctl" --manager "$MGR" node ls -o json
 
-cmd=("$BIN/fabctl" --manager "$MGR" volume create bench --size "$SIZE")
+cmd=("$BIN/fabctl" --manager "$MGR" volume create bench --size "$SIZE" --replicas 1)
 logcmd "${cmd[@]}"
 "${cmd[@]}" >/dev/null
 BURI_TCP="nbd://127.0.0.1:$NP/bench"

@@ -242,3 +242,160 @@ pub struct Lease {
     pub epoch: u64,
     pub acquired_ms: u64,
 }
+
+// ---- Overlay networks (vswitch) ------------------------------------------------------------
+
+/// Smallest and largest VXLAN network identifier a network may use (24 bits; 0 is reserved).
+pub const VNI_MIN: u32 = 1;
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+
+/// `POST /v1/networks`: a tenant's private L2 network, one VXLAN VNI.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetwork {
+    /// Same rules as volume names.
+    pub name: String,
+    /// VXLAN network identifier, `VNI_MIN..=VNI_MAX`, unique in the cluster.
+    pub vni: u32,
+    /// IPv4 subnet in CIDR form, `192.0.2.0/24` (prefix 8..=30, host bits zero).
+    pub subnet: String,
+    /// Interface MTU of the ports (576..=9000); None: each vswitch uses its underlay MTU − 50.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// Router address handed out by DHCP (option 3); must lie inside the subnet. None: no router.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// DNS servers handed out by DHCP (option 6).
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub name: String,
+    pub vni: u32,
+    /// Canonical CIDR, `192.0.2.0/24`.
+    pub subnet: String,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum PortKind {
+    /// vswitch creates a tap device and keeps its fd (optionally moved into a netns).
+    Tap,
+    /// vswitch attaches an interface someone else created (QEMU's tap) via AF_PACKET.
+    Netdev,
+}
+
+/// `POST /v1/ports`: a VM's (or namespace's) NIC on a network, served by the vswitch of `node`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePort {
+    /// Same rules as volume names, at most 15 characters (it names the interface by default).
+    pub name: String,
+    pub network: String,
+    /// A registered vswitch (or blockd) node.
+    pub node: String,
+    pub kind: PortKind,
+    /// `02:00:00:00:00:01` form, unicast; None: allocated (locally administered, unique in
+    /// the network).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Inside the subnet, not its network/broadcast/gateway address, unique in the network;
+    /// None: the lowest free address is allocated.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// `tap` only: move the interface into this network namespace (`ip netns` name).
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// Interface name (≤ 15 chars); default: the port's name.
+    #[serde(default)]
+    pub ifname: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    pub name: String,
+    pub network: String,
+    pub node: String,
+    pub kind: PortKind,
+    pub mac: String,
+    pub ip: String,
+    #[serde(default)]
+    pub netns: Option<String>,
+    pub ifname: String,
+    pub created_ms: u64,
+    /// Last counters reported by the port's vswitch (not stored; absent until reported).
+    #[serde(default)]
+    pub stats: Option<PortStats>,
+}
+
+/// Counters of one port as its vswitch counts them. rx = frames the port's interface sent into
+/// the switch (from the VM); tx = frames the switch delivered to it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Dropped frames by reason (`spoofed_mac`, `spoofed_ip`, `oversize`, `no_route`, …).
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
+    /// Whether the vswitch has the port's interface attached right now.
+    #[serde(default)]
+    pub attached: bool,
+}
+
+/// `PUT /v1/switches/{node}`: a vswitch registers its VTEP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterSwitch {
+    /// Underlay IPv4 address VXLAN packets are sent to.
+    pub underlay_ip: String,
+    /// UDP port of its VXLAN socket (4789).
+    pub vxlan_port: u16,
+    /// MTU of its underlay interface.
+    pub underlay_mtu: u32,
+}
+
+/// `PUT /v1/switches/{node}/heartbeat`: liveness plus port counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchHeartbeat {
+    #[serde(default)]
+    pub ports: std::collections::BTreeMap<String, PortStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Switch {
+    pub node: String,
+    pub underlay_ip: String,
+    pub vxlan_port: u16,
+    pub underlay_mtu: u32,
+    pub state: NodeState,
+    pub last_heartbeat_ms: u64,
+    pub registered_ms: u64,
+}
+
+/// `GET /v1/netstate[?after_revision=N]`: everything a vswitch programs, at one revision.
+/// With `after_revision`, the call waits (long-poll, up to about 30 s) until networks, ports
+/// or switches change past N, then answers (or answers unchanged at the timeout).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    pub revision: u64,
+    pub networks: Vec<Network>,
+    pub ports: Vec<Port>,
+    pub switches: Vec<Switch>,
+}
