@@ -241,9 +241,11 @@ for job, i, unit, name in ((W1, 2, "µs", "4k randwrite QD1 p50"), (W1, 3, "µs"
 print()
 raw_w = m("raw", SW, 1); r3_w = m("r3", SW, 1)
 print("Targets: 1M write on 3 replicas >= 0.8 of raw/3: %s (%.0f vs raw/3 = %.0f MB/s); "
-      "4k QD1 p50 on 3 replicas <= 2x the 1-replica latency: %s; 1M read on 3 replicas >= 0.9x single: %s." % (
+      "4k QD1 p50 on 3 replicas <= 2x the 1-replica latency: %s; 1M read on 3 replicas >= 0.9x "
+      "the 1-replica reads: %s (%s of single host)." % (
       ratio(r3_w, raw_w / 3) if r3_w and raw_w else "-", r3_w or 0, (raw_w or 0) / 3,
-      ratio(m("r3", W1, 2), m("r1", W1, 2)), ratio(m("r3", SR, 1), m("single", SR, 1))))
+      ratio(m("r3", W1, 2), m("r1", W1, 2)), ratio(m("r3", SR, 1), m("r1", SR, 1)),
+      ratio(m("r3", SR, 1), m("single", SR, 1))))
 print()
 print("Every run (IOPS, MB/s, p50 µs, p99 µs):")
 print()
