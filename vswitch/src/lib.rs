@@ -8,11 +8,12 @@
 //! (virtio-net header, software segmentation). I/O around it: [`tap`], [`packet`],
 //! [`underlay`], [`daemon`].
 
+pub mod config;
 pub mod daemon;
 pub mod dhcp;
 pub mod packet;
-pub mod sys;
 pub mod switch;
+pub mod sys;
 pub mod tap;
 pub mod underlay;
 pub mod vnet;
