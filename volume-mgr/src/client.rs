@@ -247,6 +247,131 @@ impl Client {
         .await
         .map(|_| ())
     }
+
+    async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(method, path, Some(body), Duration::from_secs(10))
+            .await?
+            .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        self.call::<(), serde_json::Value>(Method::DELETE, path, None, Duration::from_secs(10))
+            .await
+            .map(|_| ())
+    }
+
+    // ---- overlay networks (vswitch) ----
+
+    pub async fn create_network(
+        &self,
+        req: &api::CreateNetwork,
+    ) -> Result<api::Network, ClientError> {
+        self.send(Method::POST, "/v1/networks", req).await
+    }
+
+    pub async fn list_networks(&self) -> Result<api::List<api::Network>, ClientError> {
+        self.get("/v1/networks").await
+    }
+
+    pub async fn get_network(&self, name: &str) -> Result<api::Network, ClientError> {
+        self.get(&format!("/v1/networks/{}", seg(name))).await
+    }
+
+    /// Refused (409 `in_use`) while the network has ports.
+    pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/networks/{}", seg(name))).await
+    }
+
+    /// Creates a port; MAC and IP are allocated when not given.
+    pub async fn create_port(&self, req: &api::CreatePort) -> Result<api::Port, ClientError> {
+        self.send(Method::POST, "/v1/ports", req).await
+    }
+
+    /// Ports, optionally only those of one network and/or one node, with their counters.
+    pub async fn list_ports(
+        &self,
+        network: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<api::List<api::Port>, ClientError> {
+        let mut q = Vec::new();
+        if let Some(n) = network {
+            q.push(format!("network={}", seg(n)));
+        }
+        if let Some(n) = node {
+            q.push(format!("node={}", seg(n)));
+        }
+        let path = if q.is_empty() {
+            "/v1/ports".to_string()
+        } else {
+            format!("/v1/ports?{}", q.join("&"))
+        };
+        self.get(&path).await
+    }
+
+    /// One port with the counters its vswitch last reported (`stats`, if any).
+    pub async fn get_port(&self, name: &str) -> Result<api::Port, ClientError> {
+        self.get(&format!("/v1/ports/{}", seg(name))).await
+    }
+
+    pub async fn delete_port(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/ports/{}", seg(name))).await
+    }
+
+    /// A vswitch registers (or re-registers) its VTEP.
+    pub async fn register_switch(
+        &self,
+        node: &str,
+        req: &api::RegisterSwitch,
+    ) -> Result<api::Switch, ClientError> {
+        self.send(Method::PUT, &format!("/v1/switches/{}", seg(node)), req)
+            .await
+    }
+
+    /// Liveness plus port counters; 404 (`is_not_found`) if the switch is not registered.
+    pub async fn switch_heartbeat(
+        &self,
+        node: &str,
+        hb: &api::SwitchHeartbeat,
+    ) -> Result<(), ClientError> {
+        self.call::<_, serde_json::Value>(
+            Method::PUT,
+            &format!("/v1/switches/{}/heartbeat", seg(node)),
+            Some(hb),
+            Duration::from_secs(5),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn list_switches(&self) -> Result<api::List<api::Switch>, ClientError> {
+        self.get("/v1/switches").await
+    }
+
+    /// Networks, ports and switches at one revision.
+    pub async fn net_state(&self) -> Result<api::NetState, ClientError> {
+        self.get("/v1/netstate").await
+    }
+
+    /// Long-poll: answers once networks, ports or switches (including a switch recorded up or
+    /// down) changed after `after_revision`, or after `timeout` with the current state.
+    pub async fn watch_net_state(
+        &self,
+        after_revision: u64,
+        timeout: Duration,
+    ) -> Result<api::NetState, ClientError> {
+        let path = format!(
+            "/v1/netstate?after_revision={after_revision}&timeout_ms={}",
+            timeout.as_millis()
+        );
+        self.call::<(), _>(Method::GET, &path, None, timeout + Duration::from_secs(10))
+            .await?
+            .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
 }
 
 /// Percent-encodes one path segment, so that any name reaches the server as typed (and gets

@@ -1,10 +1,12 @@
-//! volume-mgr: the Fabric control plane. Owns the cluster state (nodes, disks, volumes),
+//! volume-mgr: the Fabric control plane. Owns the cluster state (nodes, disks, volumes,
+//! overlay networks, ports, vswitches),
 //! serves the `/v1` HTTP/JSON API, and provides the client library the agents and fabctl use.
 
 pub mod api;
 pub mod client;
 pub mod humantime_serde;
 pub mod metrics;
+pub mod net;
 pub mod placement;
 pub mod server;
 pub mod store;

@@ -6,9 +6,16 @@
 //! (bad name, size, address, query, path or JSON), 415 `unsupported_media_type`, 404
 //! `not_found` (also unknown routes), 405 `method_not_allowed`, 409 `already_exists`, 409
 //! `conflict` (a concurrent change; retry), 409 `stale_lease` (a replica update carrying an
-//! epoch that is not the volume's current lease epoch), 507 `no_capacity` (chosen over 409: it is the
+//! epoch that is not the volume's current lease epoch), 409 `in_use` (a VNI, MAC, IP or
+//! interface another object has, or a network that still has ports; the message names it),
+//! 507 `no_capacity` (chosen over 409: it is the
 //! cluster that is short of space, not the request that clashes with state; the message says
-//! how much is provisioned of what), 503 `store_unavailable`.
+//! how much is provisioned of what; also a subnet with no free address), 503
+//! `store_unavailable`. A resource named in a request body that does not exist (a port's
+//! network or node) is a 400 `invalid_argument`, as for volumes: 404 is for the resource in
+//! the path.
+//!
+//! Overlay networks, ports and vswitches live in [`network`].
 
 use crate::api::{self, ApiError};
 use crate::metrics::Metrics;
@@ -26,6 +33,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+mod network;
 
 /// Largest volume: 1 PiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
@@ -90,6 +99,16 @@ pub struct App {
     /// Set once shutdown begins: long-polls answer at once instead of holding it up.
     stopping: tokio::sync::watch::Sender<bool>,
     pub metrics: Metrics,
+    /// Store revision of the last change to networks, ports or switches (including a switch
+    /// recorded up or down): what netstate watches wait on.
+    net_rev: tokio::sync::watch::Sender<u64>,
+    /// Liveness and port counters of the vswitches (memory only, like `live`).
+    switch_live: Mutex<HashMap<String, network::SwitchLive>>,
+    /// Wakes the switch liveness task (a heartbeat from a switch recorded down).
+    switch_wake: tokio::sync::Notify,
+    /// When this process opened the state (switches not heard from since keep their recorded
+    /// state for `down_after`).
+    started_ms: u64,
 }
 
 /// An API error: status, stable code, one-line message.
@@ -781,6 +800,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     use std::fmt::Write;
     let _ = writeln!(out, "# HELP volume_mgr_nodes Nodes by state.\n# TYPE volume_mgr_nodes gauge\nvolume_mgr_nodes{{state=\"up\"}} {up}\nvolume_mgr_nodes{{state=\"down\"}} {down}");
     let _ = writeln!(out, "# HELP volume_mgr_volumes Volumes.\n# TYPE volume_mgr_volumes gauge\nvolume_mgr_volumes {vols}");
+    network::render_metrics(&app, &mut out);
     let _ = writeln!(out, "# HELP volume_mgr_store_revision Store revision.\n# TYPE volume_mgr_store_revision gauge\nvolume_mgr_store_revision {rev}");
     (
         [(
@@ -823,6 +843,29 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/volumes/{name}/lease",
             axum::routing::post(acquire_lease).get(get_lease),
         )
+        .route(
+            "/v1/networks",
+            get(network::list_networks).post(network::create_network),
+        )
+        .route(
+            "/v1/networks/{name}",
+            get(network::get_network).delete(network::delete_network),
+        )
+        .route(
+            "/v1/ports",
+            get(network::list_ports).post(network::create_port),
+        )
+        .route(
+            "/v1/ports/{name}",
+            get(network::get_port).delete(network::delete_port),
+        )
+        .route("/v1/switches", get(network::list_switches))
+        .route("/v1/switches/{name}", put(network::register_switch))
+        .route(
+            "/v1/switches/{name}/heartbeat",
+            put(network::switch_heartbeat),
+        )
+        .route("/v1/netstate", get(network::net_state))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
@@ -875,6 +918,7 @@ pub fn open_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Arc<App>, S
     };
     let rev = store.revision().map_err(|e| e.to_string())?;
     let (volume_rev, _) = tokio::sync::watch::channel(rev);
+    let (net_rev, _) = tokio::sync::watch::channel(rev);
     Ok(Arc::new(App {
         store,
         cfg,
@@ -884,6 +928,10 @@ pub fn open_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Arc<App>, S
         live: Mutex::new(HashMap::new()),
         stopping: tokio::sync::watch::channel(false).0,
         metrics: Metrics::default(),
+        net_rev,
+        switch_live: Mutex::new(HashMap::new()),
+        switch_wake: tokio::sync::Notify::new(),
+        started_ms: now_ms(),
     }))
 }
 
@@ -913,6 +961,7 @@ pub async fn serve(
     let app = open(cfg)?;
     tracing::info!(addr = ?listener.local_addr().ok(), cluster_id = %app.cluster_id, "volume-mgr serving");
     let stopping = app.clone();
+    tokio::spawn(network::switch_liveness(app.clone()));
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -13,6 +13,17 @@ pub enum Kind {
     Volume,
     Lease,
     Meta,
+    /// Overlay networks, by name.
+    Network,
+    /// Ports of overlay networks, by name.
+    Port,
+    /// Registered vswitches, by node name.
+    Switch,
+    /// Uniqueness and reference indexes of networks and ports (`vni/N`, `mac/NET/MAC`,
+    /// `ip/NET/IP`, `ifname/NODE/IF` hold the owner's name; `ports/NET` the port count):
+    /// committed with the object under `Cond`s, so no two objects ever share a VNI, address or
+    /// interface, and no network is deleted while it has ports.
+    NetIndex,
 }
 
 impl Kind {
@@ -23,6 +34,10 @@ impl Kind {
             Kind::Volume => "volume/",
             Kind::Lease => "lease/",
             Kind::Meta => "meta/",
+            Kind::Network => "network/",
+            Kind::Port => "port/",
+            Kind::Switch => "switch/",
+            Kind::NetIndex => "netindex/",
         }
     }
 }
@@ -186,6 +201,10 @@ pub fn conformance(s: &dyn Store) {
         Kind::Volume,
         Kind::Lease,
         Kind::Meta,
+        Kind::Network,
+        Kind::Port,
+        Kind::Switch,
+        Kind::NetIndex,
     ] {
         assert!(s.list(kind).unwrap().1.is_empty(), "fresh store: {kind:?}");
     }
