@@ -1,5 +1,6 @@
 //! fabctl: the one CLI for Fabric operators.
 
+mod net;
 mod size;
 mod table;
 mod up;
@@ -14,7 +15,7 @@ use volume_mgr::client::Client;
 #[command(
     name = "fabctl",
     version,
-    about = "Operate a Fabric cluster: volumes, nodes, disks; `fabctl up` for one host"
+    about = "Operate a Fabric cluster: volumes, nodes, disks, overlay networks, ports, vswitches; `fabctl up` for one host"
 )]
 struct Cli {
     /// volume-mgr URL(s), comma-separated (tried in order): http://HOST:PORT.
@@ -49,6 +50,15 @@ enum Cmd {
     /// Disks pooled by the nodes.
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Overlay networks (one VXLAN VNI each).
+    #[command(subcommand)]
+    Net(net::NetCmd),
+    /// Ports: a VM's or namespace's NIC on a network, served by its host's vswitch.
+    #[command(subcommand)]
+    Port(net::PortCmd),
+    /// vswitches (one per host).
+    #[command(subcommand)]
+    Switch(net::SwitchCmd),
     /// Run the single-host all-in-one (volume-mgr + blockd) until Ctrl-C.
     Up(up::UpArgs),
 }
@@ -214,6 +224,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.output == Output::Json;
     match cli.cmd {
         Cmd::Up(_) => unreachable!("handled before the runtime starts"),
+        Cmd::Net(c) => net::net(&client, c, json).await?,
+        Cmd::Port(c) => net::port(&client, c, json).await?,
+        Cmd::Switch(c) => net::switch(&client, c, json).await?,
         Cmd::Volume(VolumeCmd::Create {
             name,
             size,
