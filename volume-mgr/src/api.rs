@@ -309,8 +309,9 @@ pub struct CreatePort {
     /// the network).
     #[serde(default)]
     pub mac: Option<String>,
-    /// Inside the subnet, not its network/broadcast/gateway address, unique in the network;
-    /// None: the lowest free address is allocated.
+    /// Inside the subnet, not its network/broadcast address nor the DHCP server's (the last
+    /// usable one), unique in the network; the gateway only when given explicitly (a router
+    /// VM). None: the lowest free address that is none of those is allocated.
     #[serde(default)]
     pub ip: Option<String>,
     /// `tap` only: move the interface into this network namespace (`ip netns` name).
@@ -348,7 +349,8 @@ pub struct PortStats {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
-    /// Dropped frames by reason (`spoofed_mac`, `spoofed_ip`, `oversize`, `no_route`, …).
+    /// Dropped frames by reason (`spoofed_mac`, `spoofed_ip`, `oversize`, `malformed`,
+    /// `unknown_vni`, `no_destination`, `queue_full`).
     #[serde(default)]
     pub drops: std::collections::BTreeMap<String, u64>,
     /// Whether the vswitch has the port's interface attached right now.
@@ -376,6 +378,11 @@ pub struct SwitchHeartbeat {
     pub ports: std::collections::BTreeMap<String, PortStats>,
 }
 
+/// A registered vswitch. `state` is as recorded by the manager: down once it has not
+/// heartbeaten for the manager's `--down-after`, up again at its next heartbeat (each change is
+/// a store commit that wakes netstate watches). `last_heartbeat_ms`: the live value in
+/// `GET /v1/switches`; in `NetState`, the one at the last recorded change (so a netstate is a
+/// pure function of its revision).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Switch {
@@ -388,9 +395,12 @@ pub struct Switch {
     pub registered_ms: u64,
 }
 
-/// `GET /v1/netstate[?after_revision=N]`: everything a vswitch programs, at one revision.
-/// With `after_revision`, the call waits (long-poll, up to about 30 s) until networks, ports
-/// or switches change past N, then answers (or answers unchanged at the timeout).
+/// `GET /v1/netstate[?after_revision=N&timeout_ms=T]`: everything a vswitch programs, at one
+/// store revision (ports without `stats`). With `after_revision`, the call waits (long-poll,
+/// `timeout_ms` default 30 s, at most 60 s) until networks, ports or switches (a switch
+/// recorded up or down included) change past N, then answers (or answers unchanged at the
+/// timeout, or at once when the manager shuts down). Heartbeats that change nothing do not
+/// wake it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetState {

@@ -560,36 +560,47 @@ pub(super) async fn switch_liveness(app: Arc<App>) {
     }
 }
 
-async fn record_switch_states(app: &App) -> ApiResult<()> {
-    let _g = app.mutate.lock().await;
+/// The switches whose recorded state is not what it should be now: (node, recorded bytes,
+/// the record to write).
+fn switch_changes(app: &App) -> ApiResult<Vec<(String, Vec<u8>, api::Switch)>> {
     let (_, items) = app.store.list(Kind::Switch)?;
     let now = now_ms();
-    let (mut conds, mut ops, mut changed) = (Vec::new(), Vec::new(), Vec::new());
-    {
-        let live = app.switch_live.lock().unwrap();
-        for (node, b) in items {
-            let mut sw: api::Switch = decode(&b)?;
-            let hb = live.get(&node).map(|l| l.last_heartbeat_ms);
-            let state = net::switch_state(sw.state, hb, app.started_ms, now, app.cfg.down_after);
-            if state == sw.state {
-                continue;
-            }
+    let live = app.switch_live.lock().unwrap();
+    let mut out = Vec::new();
+    for (node, b) in items {
+        let mut sw: api::Switch = decode(&b)?;
+        let hb = live.get(&node).map(|l| l.last_heartbeat_ms);
+        let state = net::switch_state(sw.state, hb, app.started_ms, now, app.cfg.down_after);
+        if state != sw.state {
             sw.state = state;
             if let Some(t) = hb {
                 sw.last_heartbeat_ms = t;
             }
-            conds.push(Cond::Equals(Kind::Switch, node.clone(), Some(b)));
-            ops.push(Op::Put(Kind::Switch, node.clone(), encode(&sw)));
-            changed.push((node, state));
+            out.push((node, b, sw));
         }
     }
-    if ops.is_empty() {
+    Ok(out)
+}
+
+async fn record_switch_states(app: &App) -> ApiResult<()> {
+    // Most ticks change nothing: look before taking the write lock.
+    if switch_changes(app)?.is_empty() {
         return Ok(());
+    }
+    let _g = app.mutate.lock().await;
+    let changes = switch_changes(app)?;
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let (mut conds, mut ops) = (Vec::new(), Vec::new());
+    for (node, b, sw) in &changes {
+        conds.push(Cond::Equals(Kind::Switch, node.clone(), Some(b.clone())));
+        ops.push(Op::Put(Kind::Switch, node.clone(), encode(sw)));
     }
     let rev = app.store.commit(&conds, &ops)?;
     app.net_rev.send_replace(rev);
-    for (node, state) in changed {
-        tracing::info!(switch = %node, ?state, "switch state recorded");
+    for (node, _, sw) in changes {
+        tracing::info!(switch = %node, state = ?sw.state, "switch state recorded");
     }
     Ok(())
 }
