@@ -7,6 +7,7 @@ pub mod guest;
 pub mod multihost;
 pub mod nbd;
 pub mod netns;
+pub mod overlay;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
