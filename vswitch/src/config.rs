@@ -83,7 +83,7 @@ impl FileConfig {
                 "underlay-ip: {underlay_ip} cannot be a VTEP address (unicast IPv4 needed)"
             ));
         }
-        let vxlan_port = self.vxlan_port.unwrap_or(4789);
+        let vxlan_port = self.vxlan_port.unwrap_or(crate::vxlan::VXLAN_PORT);
         if vxlan_port == 0 {
             return Err("vxlan-port: must be 1..=65535".into());
         }
