@@ -172,6 +172,7 @@ impl Overlay {
                 .arg("--data-dir")
                 .arg(self.dir.path().join("manager"))
                 .args(["--down-after", "3s"])
+                .env("NO_COLOR", "1")
                 .stdout(self.log("volume-mgr"))
                 .stderr(self.log("volume-mgr")),
         );
@@ -198,6 +199,7 @@ impl Overlay {
                 .arg("--config")
                 .arg(&config)
                 .env("RUST_LOG", env_filter)
+                .env("NO_COLOR", "1")
                 .stdout(self.log(&format!("vswitch-h{i}")))
                 .stderr(self.log(&format!("vswitch-h{i}"))),
         );
@@ -406,11 +408,16 @@ impl Overlay {
     pub fn metrics(&self, i: usize) -> String {
         let h = &self.net.hosts[i];
         let url = format!("http://{}:{METRICS_PORT}/metrics", h.addr);
-        let (ok, out) = try_run(
-            h.command("busybox")
-                .args(["wget", "-q", "-T", "5", "-O", "-", &url]),
+        // (busybox 1.35's wget crashes with -T: the bound is run_timeout's.)
+        let (st, out) = run_timeout(
+            h.command("busybox").args(["wget", "-q", "-O", "-", &url]),
+            Duration::from_secs(10),
         );
-        assert!(ok, "GET {url} in h{i} failed: {out}\n{}", self.logs());
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "GET {url} in h{i} failed ({st:?}): {out}\n{}",
+            self.logs()
+        );
         out
     }
 
@@ -469,6 +476,31 @@ pub fn no_ipv6(ns: &str) {
         "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; \
          echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
     ]));
+}
+
+/// `ethtool -K IFNAME tx on|off` inside `ns` (the legacy ETHTOOL_STXCSUM ioctl, from python3:
+/// ethtool itself is not needed). A veth passes packets whose checksum is left to the
+/// hardware (CHECKSUM_PARTIAL) to its peer as they are, so a kernel VXLAN device on a veth
+/// underlay puts inner TCP/UDP checksums that were never filled in on the "wire"; turning
+/// transmit checksumming off on the underlay makes the kernel fill them in, as a real NIC
+/// does. Returns the setting read back.
+pub fn set_tx_checksum(ns: &str, ifname: &str, on: bool) -> bool {
+    const PY: &str = r#"
+import ctypes, fcntl, socket, struct, sys
+def call(cmd, value):
+    ev = ctypes.create_string_buffer(struct.pack("II", cmd, value), 8)
+    ifr = struct.pack("16sP", sys.argv[1].encode(), ctypes.addressof(ev)) + bytes(16)
+    fcntl.ioctl(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), 0x8946, ifr)  # SIOCETHTOOL
+    return struct.unpack("II", ev.raw[:8])[1]
+call(0x17, int(sys.argv[2]))  # ETHTOOL_STXCSUM
+print(call(0x16, 0))  # ETHTOOL_GTXCSUM
+"#;
+    let out = crate::run(
+        Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", PY, ifname])
+            .arg(if on { "1" } else { "0" }),
+    );
+    out.trim() == "1"
 }
 
 /// The sum of the Prometheus text series `name` whose labels include every `labels` pair;
