@@ -111,21 +111,20 @@ if want vswitch; then
   MGR=http://198.18.0.1:7700
   fab() { inns h0 "$BIN/fabctl" --manager "$MGR" "$@"; }
   logcmd ip netns exec "$TAG-h0" "$BIN/volume-mgr" --listen 198.18.0.1:7700 --data-dir "$WORK/mgr"
-  ip netns exec "$TAG-h0" "$BIN/volume-mgr" --listen 198.18.0.1:7700 --data-dir "$WORK/mgr" >/dev/null 2>"$WORK/mgr.log" & PIDS+=($!)
+  NO_COLOR=1 ip netns exec "$TAG-h0" "$BIN/volume-mgr" --listen 198.18.0.1:7700 --data-dir "$WORK/mgr" >/dev/null 2>"$WORK/mgr.log" & PIDS+=($!)
   for _ in $(seq 300); do fab switch ls >/dev/null 2>&1 && break; sleep 0.1; done
-  fab switch ls >/dev/null 2>&1 || { tail -20 "$WORK/mgr.log" >&2; die "volume-mgr did not answer"; }
+  fab switch ls >/dev/null 2>&1 || { tail -n 20 "$WORK/mgr.log" >&2; die "volume-mgr did not answer"; }
   for i in 1 2; do
     c=("$BIN/vswitch" --manager "$MGR" --node "h$i" --underlay-ip "198.18.0.$((i + 1))" --vxlan-port 4789)
     logcmd ip netns exec "$TAG-h$i" "${c[@]}"
-    ip netns exec "$TAG-h$i" "${c[@]}" >/dev/null 2>"$WORK/vswitch-h$i.log" & PIDS+=($!)
+    NO_COLOR=1 ip netns exec "$TAG-h$i" "${c[@]}" >/dev/null 2>"$WORK/vswitch-h$i.log" & PIDS+=($!)
   done
   switches_up() {
-    fab -o json switch ls 2>/dev/null | python3 -c '
-  import json, sys
-  sys.exit(0 if sum(1 for s in json.load(sys.stdin) if s.get("state") == "up") >= 2 else 1)'
+    fab -o json switch ls 2>/dev/null |
+      python3 -c 'import json, sys; sys.exit(0 if sum(1 for s in json.load(sys.stdin) if s.get("state") == "up") >= 2 else 1)'
   }
   for _ in $(seq 300); do switches_up && break; sleep 0.1; done
-  switches_up || { tail -20 "$WORK"/vswitch-h*.log >&2; die "the two vswitches are not up"; }
+  switches_up || { tail -n 20 "$WORK"/vswitch-h*.log >&2; die "the two vswitches are not up"; }
   run ip netns exec "$TAG-h0" "$BIN/fabctl" --manager "$MGR" net create bench --vni 4242 --subnet 10.42.0.0/24 >/dev/null
   for i in 1 2; do
     run ip netns exec "$TAG-h0" "$BIN/fabctl" --manager "$MGR" port create "vs$i" --net bench --node "h$i" --kind tap \
@@ -133,7 +132,7 @@ if want vswitch; then
   done
   for i in 1 2; do
     for _ in $(seq 200); do ip -n "$TAG-vs$i" link show vs$i >/dev/null 2>&1 && break; sleep 0.1; done
-    ip -n "$TAG-vs$i" link show "vs$i" >/dev/null 2>&1 || { tail -20 "$WORK/vswitch-h$i.log" >&2; die "vswitch h$i did not put vs$i into its VM namespace"; }
+    ip -n "$TAG-vs$i" link show "vs$i" >/dev/null 2>&1 || { tail -n 20 "$WORK/vswitch-h$i.log" >&2; die "vswitch h$i did not put vs$i into its VM namespace"; }
     run ip -n "$TAG-vs$i" addr add "10.42.0.$i/24" dev "vs$i"
     run ip -n "$TAG-vs$i" link set "vs$i" up
   done
@@ -161,7 +160,7 @@ for p in "vs1 10.42.0.2" "kv1 10.43.0.2"; do
   want "$( [ "$ns" = vs1 ] && echo vswitch || echo kernel)" || continue
   ok=0
   for _ in $(seq 40); do inns "$ns" busybox ping -c 1 -W 1 "$ip" >/dev/null 2>&1 && { ok=1; break; }; done
-  [ $ok = 1 ] || { tail -20 "$WORK"/vswitch-h*.log >&2; die "$ns cannot reach $ip"; }
+  [ $ok = 1 ] || { tail -n 20 "$WORK"/vswitch-h*.log >&2; die "$ns cannot reach $ip"; }
 done
 want vswitch && echo "vs1: $(ip -n "$TAG-vs1" -o link show vs1 | grep -o 'mtu [0-9]*')" >&2
 
