@@ -190,7 +190,7 @@ impl Overlay {
         let env_filter = std::env::var("FABRIC_VSWITCH_LOG").unwrap_or_else(|_| "info".into());
         let p = Proc::spawn(
             &format!("vswitch h{i}"),
-            h.command(bin("vswitch"))
+            h.command(vswitch_bin())
                 .args(["--manager", &self.manager_url()])
                 .args(["--node", &format!("h{i}")])
                 .args(["--underlay-ip", &h.addr])
@@ -465,6 +465,15 @@ fn str_field(v: &serde_json::Value, k: &str) -> String {
     v[k].as_str()
         .unwrap_or_else(|| panic!("no string {k:?} in {v}"))
         .to_string()
+}
+
+/// The vswitch binary: `$FABRIC_VSWITCH_BIN` (another build, e.g. with a fix under test) or
+/// the workspace's.
+pub fn vswitch_bin() -> PathBuf {
+    match std::env::var_os("FABRIC_VSWITCH_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => bin("vswitch"),
+    }
 }
 
 /// Turns IPv6 off in a namespace (also for interfaces that move in later), so the only
