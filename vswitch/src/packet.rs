@@ -137,9 +137,7 @@ impl PacketPort {
     /// Like [`PacketPort::recv`] without waiting: `WouldBlock` when nothing is queued.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         check_buf(buf.len())?;
-        self.fd.try_io(Interest::READABLE | Interest::ERROR, |fd| {
-            self.read(fd, buf)
-        })
+        self.fd.try_io(Interest::READABLE, |fd| self.read(fd, buf))
     }
 
     /// Transmits one frame on the interface (to the VM): `buf` is a [`VnetHdr`] followed by
@@ -158,9 +156,7 @@ impl PacketPort {
     /// Like [`PacketPort::send`] without waiting.
     pub fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
         check_buf(buf.len())?;
-        self.fd.try_io(Interest::WRITABLE | Interest::ERROR, |fd| {
-            self.write(fd, buf)
-        })
+        self.fd.try_io(Interest::WRITABLE, |fd| self.write(fd, buf))
     }
 
     fn read(&self, fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
