@@ -13,7 +13,7 @@ use crate::packet::PacketPort;
 use crate::switch::{Action, LocalPort, PortId, Switch};
 use crate::tap::Tap;
 use crate::underlay::{RecvBatch, Underlay};
-use crate::vnet::{self, VnetHdr};
+use crate::vnet::{self, Coalescer, VnetHdr};
 use crate::vxlan;
 use anyhow::Context;
 use std::collections::HashMap;
@@ -93,14 +93,39 @@ impl Shared {
 
     /// Delivers `buf` (virtio-net header + frame) to local port `id`.
     fn deliver(&self, id: PortId, buf: &[u8]) {
-        match self.dev(id) {
-            Some(d) => {
-                if d.try_send(buf).is_err() {
-                    self.switch.lock().unwrap().count_drop(id, "queue_full");
-                }
-            }
-            None => self.switch.lock().unwrap().count_drop(id, "no_destination"),
+        let dev = self.dev(id);
+        self.deliver_to(id, dev.as_deref(), buf);
+    }
+
+    /// Delivers `buf` to port `id` whose device (looked up by the caller) is `dev`. A failed
+    /// GSO frame counts one drop per segment it stood for.
+    fn deliver_to(&self, id: PortId, dev: Option<&Dev>, buf: &[u8]) {
+        let reason = match dev {
+            Some(d) => match d.try_send(buf) {
+                Ok(_) => return,
+                Err(_) => "queue_full",
+            },
+            None => "no_destination",
+        };
+        let frames = gso_segments(buf);
+        let mut sw = self.switch.lock().unwrap();
+        for _ in 0..frames {
+            sw.count_drop(id, reason);
         }
+    }
+}
+
+/// How many frames a buffer (virtio-net header + frame) stands for: 1, or a GSO frame's
+/// segment count (estimated from its header; at least 1).
+fn gso_segments(buf: &[u8]) -> usize {
+    match VnetHdr::parse(buf) {
+        Ok(h) if h.is_gso() && h.gso_size > 0 => {
+            let payload = buf
+                .len()
+                .saturating_sub(VnetHdr::LEN + usize::from(h.hdr_len));
+            payload.div_ceil(usize::from(h.gso_size)).max(1)
+        }
+        _ => 1,
     }
 }
 
@@ -322,8 +347,7 @@ async fn attach(p: &LocalPort) -> std::io::Result<Dev> {
 async fn port_rx(shared: &Arc<Shared>, id: PortId, dev: &Arc<Dev>) -> std::io::Error {
     let mut buf = vec![0u8; vnet::BUF_LEN];
     let mut actions = Vec::new();
-    let mut segs: Vec<Vec<u8>> = Vec::new();
-    let mut out = Vec::with_capacity(65_536 + 1024);
+    let mut out = Vec::with_capacity(2 * 65_536);
     loop {
         let n = match dev.recv(&mut buf).await {
             Ok(n) => n,
@@ -356,12 +380,13 @@ async fn port_rx(shared: &Arc<Shared>, id: PortId, dev: &Arc<Dev>) -> std::io::E
                 Action::ToVtep { vtep, vni } => {
                     let frame = &mut buf[VnetHdr::LEN..n];
                     if gso {
-                        segs.clear();
-                        if vnet::segment(&hdr, frame, &mut segs).is_err() {
-                            shared.encap_errors.fetch_add(1, Ordering::Relaxed);
-                            continue;
+                        let prefix = vxlan::encap_header(vni);
+                        match vnet::segment_into(&hdr, frame, &prefix, &mut out) {
+                            Ok(segs) => send_segments(shared, vtep, &out, segs).await,
+                            Err(_) => {
+                                shared.encap_errors.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                        send_segments(shared, vtep, vni, &segs, &mut out).await;
                     } else {
                         if hdr.needs_csum() && !csum_done {
                             if vnet::complete_checksum(&hdr, frame).is_err() {
@@ -390,40 +415,27 @@ async fn port_rx(shared: &Arc<Shared>, id: PortId, dev: &Arc<Dev>) -> std::io::E
     }
 }
 
-/// Encapsulates software-segmented frames and sends them as one UDP GSO batch (all but the
-/// last have the same size, as UDP GSO requires).
+/// Sends software-segmented, already encapsulated frames (`datagrams`, laid out by
+/// [`vnet::segment_into`]: all `segs.seg_len` bytes but the last) as one UDP GSO batch.
 async fn send_segments(
     shared: &Arc<Shared>,
     vtep: SocketAddrV4,
-    vni: u32,
-    segs: &[Vec<u8>],
-    out: &mut Vec<u8>,
+    datagrams: &[u8],
+    segs: vnet::Segmented,
 ) {
-    let Some(first) = segs.first() else { return };
+    let Some(first) = datagrams.get(vxlan::HEADER_LEN..segs.seg_len) else {
+        return;
+    };
     let hash = vxlan::flow_hash(first);
-    let seg_size = vxlan::HEADER_LEN + first.len();
-    let hdr = vxlan::encap_header(vni);
-    out.clear();
-    for s in segs {
-        out.extend_from_slice(&hdr);
-        out.extend_from_slice(s);
-    }
-    let uniform = segs[..segs.len() - 1]
-        .iter()
-        .all(|s| s.len() == first.len())
-        && segs[segs.len() - 1].len() <= first.len();
-    let res = if uniform && segs.len() > 1 && seg_size <= u16::MAX as usize {
+    let res = if segs.count > 1 && segs.seg_len <= u16::MAX as usize {
         shared
             .underlay
-            .send_gso(hash, vtep, out, seg_size as u16)
+            .send_gso(hash, vtep, datagrams, segs.seg_len as u16)
             .await
     } else {
         let mut r = Ok(());
-        let mut off = 0;
-        for s in segs {
-            let len = vxlan::HEADER_LEN + s.len();
-            r = r.and(shared.underlay.send(hash, vtep, &out[off..off + len]).await);
-            off += len;
+        for d in datagrams.chunks(segs.seg_len.max(1)) {
+            r = r.and(shared.underlay.send(hash, vtep, d).await);
         }
         r
     };
@@ -432,11 +444,18 @@ async fn send_segments(
     }
 }
 
-/// Receives VXLAN packets and delivers their inner frames.
+/// Receives VXLAN packets and delivers their inner frames. The switch decides a whole
+/// receive batch under one lock; consecutive TCP segments of one flow for one tap port are
+/// coalesced into one GSO frame ([`Coalescer`]) so the tap and the stack behind it handle
+/// one 64 KiB packet instead of dozens.
 async fn underlay_loop(shared: Arc<Shared>) {
     let mut batch = RecvBatch::new(64);
     let mut actions = Vec::new();
+    let mut one = Vec::new();
+    // Per datagram of the batch: its actions' range in `actions`.
+    let mut decided: Vec<(usize, usize)> = Vec::with_capacity(1024);
     let mut out = Vec::with_capacity(65_536);
+    let mut co = Coalescer::new();
     let zero = ZERO_HDR;
     loop {
         if let Err(e) = shared.underlay.recv_batch(&mut batch).await {
@@ -444,39 +463,70 @@ async fn underlay_loop(shared: Arc<Shared>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        for (src, payload) in batch.iter() {
-            {
-                let now = shared.now_ms();
-                shared
-                    .switch
-                    .lock()
-                    .unwrap()
-                    .from_underlay(src, payload, now, &mut actions);
+        actions.clear();
+        decided.clear();
+        {
+            let now = shared.now_ms();
+            let mut sw = shared.switch.lock().unwrap();
+            for (src, payload) in batch.iter() {
+                // from_underlay replaces what its output vector holds.
+                sw.from_underlay(src, payload, now, &mut one);
+                let start = actions.len();
+                actions.append(&mut one);
+                decided.push((start, actions.len()));
             }
-            if actions.is_empty() {
+        }
+        // No await from here to the end of the batch: the device map stays read-locked.
+        let devices = shared.devices.read().unwrap();
+        let dev = |id: PortId| devices.get(&id).map(|a| &*a.dev);
+        // The tap port the coalescer is building a frame for.
+        let mut co_dst: Option<PortId> = None;
+        for ((_, payload), &(a, b)) in batch.iter().zip(decided.iter()) {
+            if a == b {
                 continue;
             }
             let inner = match vxlan::decap(payload) {
                 Ok((_, inner)) => inner,
                 Err(_) => continue,
             };
-            for a in actions.drain(..) {
-                match a {
+            if let [Action::ToPort(dst)] = &actions[a..b] {
+                if let Some(d @ Dev::Tap(_)) = dev(*dst) {
+                    if co_dst != Some(*dst) {
+                        if let Some(prev) = co_dst {
+                            co.flush(&mut |buf: &[u8]| shared.deliver_to(prev, dev(prev), buf));
+                        }
+                        co_dst = Some(*dst);
+                    }
+                    let dst = *dst;
+                    co.push(inner, &mut |buf: &[u8]| {
+                        shared.deliver_to(dst, Some(d), buf)
+                    });
+                    continue;
+                }
+            }
+            if let Some(prev) = co_dst.take() {
+                co.flush(&mut |buf: &[u8]| shared.deliver_to(prev, dev(prev), buf));
+            }
+            for act in &actions[a..b] {
+                match act {
                     Action::ToPort(dst) => {
                         out.clear();
                         out.extend_from_slice(&zero);
                         out.extend_from_slice(inner);
-                        shared.deliver(dst, &out);
+                        shared.deliver_to(*dst, dev(*dst), &out);
                     }
                     Action::Reply { port, frame } => {
                         out.clear();
                         out.extend_from_slice(&zero);
-                        out.extend_from_slice(&frame);
-                        shared.deliver(port, &out);
+                        out.extend_from_slice(frame);
+                        shared.deliver_to(*port, dev(*port), &out);
                     }
                     Action::ToVtep { .. } => {}
                 }
             }
+        }
+        if let Some(prev) = co_dst {
+            co.flush(&mut |buf: &[u8]| shared.deliver_to(prev, dev(prev), buf));
         }
     }
 }
