@@ -618,32 +618,34 @@ fn coalescable(frame: &[u8]) -> Option<TcpSeg> {
 /// One's complement sum of `data` as big-endian 16-bit words (odd tail padded with zero),
 /// added to `acc`; carries are kept in the upper bits until [`fold`].
 ///
-/// Eight bytes at a time: the sum of big-endian 32-bit words, folded, is the sum of the
-/// 16-bit words (2^16 = 1 modulo 0xffff), and a u64 accumulator cannot overflow on any
-/// buffer shorter than 2^32 words.
+/// The bulk is summed as native-endian 32-bit words into a u64 (a loop the compiler
+/// vectorizes): the one's complement sum does not depend on where the carries go, so the
+/// sum of 32-bit words folded to 16 bits is the sum of the 16-bit words (2^16 = 1 modulo
+/// 0xffff), and summing in native order gives the byte-swapped sum on little-endian hosts
+/// (RFC 1071 §2(B)), swapped back once at the end.
 fn sum(acc: u32, data: &[u8]) -> u32 {
-    let mut wide = u64::from(acc);
-    let mut chunks = data.chunks_exact(8);
-    for w in &mut chunks {
-        let v = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        wide += (v >> 32) + (v & 0xffff_ffff);
+    let mut words = data.chunks_exact(4);
+    let mut wide: u64 = 0;
+    for w in &mut words {
+        wide += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
     }
-    let mut rest = chunks.remainder().chunks_exact(2);
-    for w in &mut rest {
-        wide += u64::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = rest.remainder() {
-        wide += u64::from(*last) << 8;
-    }
-    // Fold to at most 17 bits so callers can keep adding u32 terms.
-    while wide > 0xffff_ffff {
+    // Fold the native-order sum to 16 bits, then put it in network order.
+    while wide > 0xffff {
         wide = (wide & 0xffff) + (wide >> 16);
     }
-    let mut acc = wide as u32;
-    if acc & 0x8000_0000 != 0 {
+    let bulk = u16::from_be(wide as u16);
+    let mut acc = u64::from(acc) + u64::from(bulk);
+    let mut rest = words.remainder().chunks_exact(2);
+    for w in &mut rest {
+        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = rest.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    while acc > 0x7fff_ffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
-    acc
+    acc as u32
 }
 
 fn fold(mut acc: u32) -> u16 {
