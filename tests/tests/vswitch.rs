@@ -88,11 +88,13 @@ fn two_hosts_ping_both_ways_and_carry_tcp() {
     tcp_transfer(&a, &b, 16 << 20);
     tcp_transfer(&b, &a, 4 << 20);
 
-    // Counters: /metrics live, and `port show` from the heartbeat.
+    // Counters: /metrics live, and `port show` from the heartbeat. Frames are counted as
+    // the port's interface passes them (TSO and receive coalescing make them up to 64 KB),
+    // so the packet counts are well below bytes / MTU: the byte counts are the firm check.
     let rx = o.metric(1, PORT_RX, &[("port", "a1")]);
     let tx = o.metric(1, PORT_TX, &[("port", "a1")]);
     assert!(
-        rx >= 1000.0 && tx >= 1000.0,
+        rx >= 100.0 && tx >= 100.0,
         "a1 rx {rx} tx {tx}:\n{}",
         o.metrics(1)
     );
@@ -100,8 +102,8 @@ fn two_hosts_ping_both_ways_and_carry_tcp() {
         let p = o.port("b2");
         let s = &p["stats"];
         s["attached"] == true
-            && s["rx_packets"].as_u64().unwrap_or(0) >= 1000
-            && s["tx_packets"].as_u64().unwrap_or(0) >= 1000
+            && s["rx_packets"].as_u64().unwrap_or(0) >= 100
+            && s["tx_packets"].as_u64().unwrap_or(0) >= 100
             && s["rx_bytes"].as_u64().unwrap_or(0) >= 4 << 20
             && s["tx_bytes"].as_u64().unwrap_or(0) >= 16 << 20
     });
