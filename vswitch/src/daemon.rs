@@ -42,6 +42,13 @@ impl Dev {
         }
     }
 
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Dev::Tap(t) => t.try_recv(buf),
+            Dev::Packet(p) => p.try_recv(buf),
+        }
+    }
+
     /// Sends without waiting: a full queue drops the frame (counted), as a NIC would.
     fn try_send(&self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
@@ -343,15 +350,78 @@ async fn attach(p: &LocalPort) -> std::io::Result<Dev> {
     }
 }
 
-/// Reads frames from a port's device until it fails; returns the error.
+/// Encapsulated frames of one flow to one VTEP, all the same size, waiting to go out as one
+/// UDP GSO send (a burst of small packets costs one syscall instead of one each).
+struct TxRun {
+    vtep: SocketAddrV4,
+    hash: u32,
+    seg_len: usize,
+    count: usize,
+    buf: Vec<u8>,
+}
+
+impl TxRun {
+    /// Most datagrams in one run (the kernel's UDP GSO limit on older kernels).
+    const MAX: usize = 64;
+
+    fn new() -> TxRun {
+        TxRun {
+            vtep: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+            hash: 0,
+            seg_len: 0,
+            count: 0,
+            buf: Vec::with_capacity(65_536),
+        }
+    }
+
+    /// Can a datagram of `len` bytes for (`vtep`, `hash`) join the run?
+    fn fits(&self, vtep: SocketAddrV4, hash: u32, len: usize) -> bool {
+        self.count > 0
+            && self.count < Self::MAX
+            && self.vtep == vtep
+            && self.hash == hash
+            && self.seg_len == len
+            && self.buf.len() + len <= 65_507
+    }
+
+    async fn flush(&mut self, shared: &Arc<Shared>) {
+        if self.count == 0 {
+            return;
+        }
+        let segs = vnet::Segmented {
+            count: self.count,
+            seg_len: self.seg_len,
+        };
+        send_segments(shared, self.vtep, &self.buf, segs).await;
+        self.count = 0;
+        self.buf.clear();
+    }
+}
+
+/// Reads frames from a port's device until it fails; returns the error. After each frame,
+/// what else is queued is taken without waiting; small frames of one flow to one VTEP are
+/// sent together ([`TxRun`]) when the queue runs dry or the run ends.
 async fn port_rx(shared: &Arc<Shared>, id: PortId, dev: &Arc<Dev>) -> std::io::Error {
     let mut buf = vec![0u8; vnet::BUF_LEN];
     let mut actions = Vec::new();
     let mut out = Vec::with_capacity(2 * 65_536);
+    let mut run = TxRun::new();
     loop {
-        let n = match dev.recv(&mut buf).await {
+        let got = if run.count == 0 {
+            dev.recv(&mut buf).await
+        } else {
+            dev.try_recv(&mut buf)
+        };
+        let n = match got {
             Ok(n) => n,
-            Err(e) => return e,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                run.flush(shared).await;
+                continue;
+            }
+            Err(e) => {
+                run.flush(shared).await;
+                return e;
+            }
         };
         if n < VnetHdr::LEN {
             continue;
@@ -380,6 +450,7 @@ async fn port_rx(shared: &Arc<Shared>, id: PortId, dev: &Arc<Dev>) -> std::io::E
                 Action::ToVtep { vtep, vni } => {
                     let frame = &mut buf[VnetHdr::LEN..n];
                     if gso {
+                        run.flush(shared).await;
                         let prefix = vxlan::encap_header(vni);
                         match vnet::segment_into(&hdr, frame, &prefix, &mut out) {
                             Ok(segs) => send_segments(shared, vtep, &out, segs).await,
@@ -395,13 +466,17 @@ async fn port_rx(shared: &Arc<Shared>, id: PortId, dev: &Arc<Dev>) -> std::io::E
                             }
                             csum_done = true;
                         }
-                        out.clear();
-                        out.extend_from_slice(&vxlan::encap_header(vni));
-                        out.extend_from_slice(frame);
                         let hash = vxlan::flow_hash(frame);
-                        if shared.underlay.send(hash, vtep, &out).await.is_err() {
-                            shared.underlay_tx_errors.fetch_add(1, Ordering::Relaxed);
+                        let len = vxlan::HEADER_LEN + frame.len();
+                        if !run.fits(vtep, hash, len) {
+                            run.flush(shared).await;
+                            run.vtep = vtep;
+                            run.hash = hash;
+                            run.seg_len = len;
                         }
+                        run.buf.extend_from_slice(&vxlan::encap_header(vni));
+                        run.buf.extend_from_slice(frame);
+                        run.count += 1;
                     }
                 }
                 Action::Reply { port, frame } => {
@@ -411,6 +486,9 @@ async fn port_rx(shared: &Arc<Shared>, id: PortId, dev: &Arc<Dev>) -> std::io::E
                     shared.deliver(port, &out);
                 }
             }
+        }
+        if run.count >= TxRun::MAX {
+            run.flush(shared).await;
         }
     }
 }
