@@ -409,3 +409,329 @@ pub struct NetState {
     pub ports: Vec<Port>,
     pub switches: Vec<Switch>,
 }
+
+// ---- Load-balanced virtual IPs (lb-vip) ----------------------------------------------------
+
+/// Largest backend weight (`1..=VIP_WEIGHT_MAX`).
+pub const VIP_WEIGHT_MAX: u32 = 256;
+/// Default Maglev lookup table size (prime, as in the Maglev paper).
+pub const VIP_DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65537;
+/// Smallest Maglev lookup table size accepted (must also be prime).
+pub const VIP_MIN_MAGLEV_TABLE_SIZE: u32 = 7;
+/// Default time a drained or removed backend keeps its established connections.
+pub const VIP_DEFAULT_DRAIN_SECS: u32 = 30;
+/// Largest `persist_secs` / `drain_secs` (one day).
+pub const VIP_MAX_SECS: u32 = 86_400;
+
+/// Transport protocol a VIP serves.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum VipProto {
+    Tcp,
+    Udp,
+}
+
+impl VipProto {
+    /// Wire (and CLI) spelling: `tcp`, `udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VipProto::Tcp => "tcp",
+            VipProto::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for VipProto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VipProto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(VipProto::Tcp),
+            "udp" => Ok(VipProto::Udp),
+            other => Err(format!("unknown protocol {other:?} (tcp or udp)")),
+        }
+    }
+}
+
+/// Scheduling algorithm of a VIP (lb-vip's `sched::Algo`, defined here so volume-mgr does not
+/// depend on lb-vip). Wire spelling snake_case (`source_hash`); the CLI spells it
+/// `source-hash`. Default `rr`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum VipAlgo {
+    /// Round robin.
+    #[default]
+    Rr,
+    /// Smooth weighted round robin (nginx).
+    Wrr,
+    /// Least connections.
+    Lc,
+    /// Weighted least connections.
+    Wlc,
+    /// Power of two random choices (fewer active connections wins).
+    P2c,
+    /// Hash of the client IP.
+    SourceHash,
+    /// Maglev consistent hashing of the flow.
+    Maglev,
+}
+
+impl VipAlgo {
+    pub const ALL: [VipAlgo; 7] = [
+        VipAlgo::Rr,
+        VipAlgo::Wrr,
+        VipAlgo::Lc,
+        VipAlgo::Wlc,
+        VipAlgo::P2c,
+        VipAlgo::SourceHash,
+        VipAlgo::Maglev,
+    ];
+
+    /// Wire spelling (`source_hash`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VipAlgo::Rr => "rr",
+            VipAlgo::Wrr => "wrr",
+            VipAlgo::Lc => "lc",
+            VipAlgo::Wlc => "wlc",
+            VipAlgo::P2c => "p2c",
+            VipAlgo::SourceHash => "source_hash",
+            VipAlgo::Maglev => "maglev",
+        }
+    }
+
+    /// CLI spelling (`source-hash`).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            VipAlgo::SourceHash => "source-hash",
+            other => other.as_str(),
+        }
+    }
+}
+
+impl std::fmt::Display for VipAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.cli_name())
+    }
+}
+
+impl std::str::FromStr for VipAlgo {
+    type Err = String;
+    /// Accepts both the CLI (`source-hash`) and the wire (`source_hash`) spelling.
+    fn from_str(s: &str) -> Result<Self, String> {
+        VipAlgo::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s || a.cli_name() == s)
+            .ok_or_else(|| {
+                format!("unknown algorithm {s:?} (rr, wrr, lc, wlc, p2c, source-hash, maglev)")
+            })
+    }
+}
+
+/// Kind of active health check.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// A TCP connect that completes within the timeout passes.
+    #[default]
+    Tcp,
+    /// `GET http_path` answered with `http_status` within the timeout passes.
+    Http,
+}
+
+fn default_check_interval_ms() -> u32 {
+    2000
+}
+fn default_check_timeout_ms() -> u32 {
+    1000
+}
+fn default_check_rise() -> u32 {
+    2
+}
+fn default_check_fall() -> u32 {
+    3
+}
+
+/// Active health check of a VIP's backends (defaults as HAProxy's). A backend goes down after
+/// `fall` consecutive failures and up again after `rise` consecutive successes. In a
+/// `CreateVip` every field but `kind` may be left out; in a `Vip` all are filled (`http_status`
+/// is `Some(200)` by default for `http`, and both http fields are None for `tcp`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// `http` only: absolute path, starts with `/`, printable ASCII without spaces.
+    #[serde(default)]
+    pub http_path: Option<String>,
+    /// `http` only: the status a healthy backend answers (100..=599), default 200.
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    /// Time between checks of one backend, 100..=3_600_000 ms, default 2000.
+    #[serde(default = "default_check_interval_ms")]
+    pub interval_ms: u32,
+    /// Time one check may take, 10..=interval_ms, default 1000.
+    #[serde(default = "default_check_timeout_ms")]
+    pub timeout_ms: u32,
+    /// Consecutive successes to come up, 1..=100, default 2.
+    #[serde(default = "default_check_rise")]
+    pub rise: u32,
+    /// Consecutive failures to go down, 1..=100, default 3.
+    #[serde(default = "default_check_fall")]
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    /// A TCP check every 2 s, timeout 1 s, rise 2, fall 3.
+    fn default() -> Self {
+        HealthCheck {
+            kind: CheckKind::Tcp,
+            http_path: None,
+            http_status: None,
+            interval_ms: default_check_interval_ms(),
+            timeout_ms: default_check_timeout_ms(),
+            rise: default_check_rise(),
+            fall: default_check_fall(),
+        }
+    }
+}
+
+/// `POST /v1/vips`: one address (IP:PORT + protocol) spread over backends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVip {
+    /// Same rules as volume names.
+    pub name: String,
+    /// `IP:PORT` (IPv4 `192.0.2.10:80` or IPv6 `[2001:db8::1]:80`), port not 0; unique
+    /// together with `proto` (409 naming the VIP that holds it).
+    pub addr: String,
+    pub proto: VipProto,
+    /// An existing overlay network the VIP is reachable on (its IP then lies in the
+    /// network's subnet). None: reachable on the hosts' own networks.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Default `rr`.
+    #[serde(default)]
+    pub algo: Option<VipAlgo>,
+    /// Client-IP persistence in seconds, 0..=86400; 0 or None = off.
+    #[serde(default)]
+    pub persist_secs: Option<u32>,
+    /// Time a drained or removed backend keeps its established connections, 0..=86400,
+    /// default 30.
+    #[serde(default)]
+    pub drain_secs: Option<u32>,
+    /// Default: `HealthCheck::default()` (TCP connect).
+    #[serde(default)]
+    pub check: Option<HealthCheck>,
+    /// Send a PROXY protocol v2 header to the backends (TCP: at connection start; UDP: in
+    /// front of each datagram). Default false.
+    #[serde(default)]
+    pub proxy_protocol: Option<bool>,
+    /// Maglev lookup table size, prime, >= 7, default 65537 (kept for every algo).
+    #[serde(default)]
+    pub maglev_table_size: Option<u32>,
+}
+
+/// State of a backend as the control plane records it (health is the instances' business).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Gets new connections (while healthy).
+    #[default]
+    Active,
+    /// Gets no new connections; established ones finish until `drain_secs` after
+    /// `drain_started_ms`.
+    Draining,
+}
+
+/// A backend of a VIP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// Canonical `IP:PORT` (`[v6]:port` for IPv6), unique in the VIP.
+    pub addr: String,
+    /// `1..=VIP_WEIGHT_MAX`, default 1.
+    pub weight: u32,
+    /// At most this many established connections (TCP) or flows (UDP); None: no limit.
+    #[serde(default)]
+    pub max_conns: Option<u32>,
+    pub state: BackendState,
+    /// When the backend was set to draining (ms since the epoch).
+    #[serde(default)]
+    pub drain_started_ms: Option<u64>,
+}
+
+/// `POST /v1/vips/{name}/backends`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AddBackend {
+    /// `IP:PORT`, port not 0.
+    pub addr: String,
+    /// `1..=VIP_WEIGHT_MAX`, default 1.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// At least 1; None: no limit.
+    #[serde(default)]
+    pub max_conns: Option<u32>,
+}
+
+/// A VIP as stored, with every default filled in, plus the instances' last reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Vip {
+    pub name: String,
+    /// Canonical `IP:PORT`.
+    pub addr: String,
+    pub proto: VipProto,
+    #[serde(default)]
+    pub network: Option<String>,
+    pub algo: VipAlgo,
+    /// 0 = off.
+    pub persist_secs: u32,
+    pub drain_secs: u32,
+    pub check: HealthCheck,
+    pub proxy_protocol: bool,
+    pub maglev_table_size: u32,
+    /// In the order they were added.
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    pub created_ms: u64,
+    /// Last report of each lb-vip instance (by node), kept in memory by the manager like
+    /// switch heartbeats (not stored, do not bump the revision; empty after a restart until
+    /// the instances report again).
+    #[serde(default)]
+    pub reports: std::collections::BTreeMap<String, VipReport>,
+}
+
+/// Counters and health of one backend as one lb-vip instance sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendStats {
+    /// The backend's `addr` as in `Backend`.
+    pub addr: String,
+    pub healthy: bool,
+    pub active_conns: u64,
+    pub total_conns: u64,
+    /// Bytes from clients to the backend.
+    pub bytes_in: u64,
+    /// Bytes from the backend to clients.
+    pub bytes_out: u64,
+    /// Up/down changes since the instance started.
+    pub health_transitions: u64,
+    /// Failed connects to the backend and connections ended by an error.
+    pub errors: u64,
+}
+
+/// `PUT /v1/vips/{name}/status/{node}`: what the lb-vip instance on `node` sees of the VIP.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VipReport {
+    /// Whether this instance holds the VIP's address now.
+    pub holder: bool,
+    #[serde(default)]
+    pub backends: Vec<BackendStats>,
+}
