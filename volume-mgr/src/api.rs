@@ -701,8 +701,9 @@ pub struct Vip {
     pub backends: Vec<Backend>,
     pub created_ms: u64,
     /// Last report of each lb-vip instance (by node), kept in memory by the manager like
-    /// switch heartbeats (not stored, do not bump the revision; empty after a restart until
-    /// the instances report again).
+    /// switch heartbeats (not stored, do not bump the revision nor wake `GET /v1/vips`
+    /// watches; empty after a restart until the instances report again; reports older than
+    /// the manager's `--down-after` are left out). Ignored in requests.
     #[serde(default)]
     pub reports: std::collections::BTreeMap<String, VipReport>,
 }
@@ -726,7 +727,10 @@ pub struct BackendStats {
     pub errors: u64,
 }
 
-/// `PUT /v1/vips/{name}/status/{node}`: what the lb-vip instance on `node` sees of the VIP.
+/// `PUT /v1/vips/{name}/status/{node}`: what the lb-vip instance on `node` sees of the VIP
+/// (404 once the VIP is deleted). Kept in memory; a report older than the manager's
+/// `--down-after` (5 s by default) is left out of `Vip::reports`, so an instance reports about
+/// every second.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VipReport {

@@ -372,6 +372,100 @@ impl Client {
             .await?
             .ok_or_else(|| ClientError::Protocol("empty body".into()))
     }
+
+    // ---- load-balanced VIPs (lb-vip) ----
+
+    /// Creates a VIP (every default filled in the answer).
+    pub async fn create_vip(&self, req: &api::CreateVip) -> Result<api::Vip, ClientError> {
+        self.send(Method::POST, "/v1/vips", req).await
+    }
+
+    /// Every VIP with its backends and the instances' fresh reports.
+    pub async fn list_vips(&self) -> Result<api::List<api::Vip>, ClientError> {
+        self.get("/v1/vips").await
+    }
+
+    /// Long-poll: answers once a VIP or a backend changed after `after_revision`, or after
+    /// `timeout` with the current list. Reports do not wake it.
+    pub async fn watch_vips(
+        &self,
+        after_revision: u64,
+        timeout: Duration,
+    ) -> Result<api::List<api::Vip>, ClientError> {
+        let path = format!(
+            "/v1/vips?after_revision={after_revision}&timeout_ms={}",
+            timeout.as_millis()
+        );
+        self.call::<(), _>(Method::GET, &path, None, timeout + Duration::from_secs(10))
+            .await?
+            .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    pub async fn get_vip(&self, name: &str) -> Result<api::Vip, ClientError> {
+        self.get(&format!("/v1/vips/{}", seg(name))).await
+    }
+
+    pub async fn delete_vip(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/vips/{}", seg(name))).await
+    }
+
+    /// Adds a backend (409 `already_exists` if the VIP has it); answers the VIP.
+    pub async fn add_backend(
+        &self,
+        vip: &str,
+        req: &api::AddBackend,
+    ) -> Result<api::Vip, ClientError> {
+        self.send(
+            Method::POST,
+            &format!("/v1/vips/{}/backends", seg(vip)),
+            req,
+        )
+        .await
+    }
+
+    /// Removes a backend (its established connections drain for the VIP's `drain_secs`);
+    /// answers the VIP.
+    pub async fn remove_backend(&self, vip: &str, addr: &str) -> Result<api::Vip, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/vips/{}/backends/{}", seg(vip), seg(addr)),
+            None,
+            Duration::from_secs(10),
+        )
+        .await?
+        .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    /// Sets a backend draining (no new connections); answers the VIP. Draining a draining
+    /// backend changes nothing.
+    pub async fn drain_backend(&self, vip: &str, addr: &str) -> Result<api::Vip, ClientError> {
+        self.call::<(), _>(
+            Method::POST,
+            &format!("/v1/vips/{}/backends/{}/drain", seg(vip), seg(addr)),
+            None,
+            Duration::from_secs(10),
+        )
+        .await?
+        .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    /// The lb-vip instance on `node` reports what it sees of a VIP (memory only on the
+    /// manager); 404 (`is_not_found`) once the VIP is deleted.
+    pub async fn report_vip(
+        &self,
+        vip: &str,
+        node: &str,
+        report: &api::VipReport,
+    ) -> Result<(), ClientError> {
+        self.call::<_, serde_json::Value>(
+            Method::PUT,
+            &format!("/v1/vips/{}/status/{}", seg(vip), seg(node)),
+            Some(report),
+            Duration::from_secs(5),
+        )
+        .await
+        .map(|_| ())
+    }
 }
 
 /// Percent-encodes one path segment, so that any name reaches the server as typed (and gets
