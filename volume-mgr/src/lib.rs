@@ -1,5 +1,5 @@
 //! volume-mgr: the Fabric control plane. Owns the cluster state (nodes, disks, volumes,
-//! overlay networks, ports, vswitches),
+//! overlay networks, ports, vswitches, load-balanced VIPs),
 //! serves the `/v1` HTTP/JSON API, and provides the client library the agents and fabctl use.
 
 pub mod api;
@@ -10,5 +10,6 @@ pub mod net;
 pub mod placement;
 pub mod server;
 pub mod store;
+pub mod vip;
 
 pub use server::{serve, Config};

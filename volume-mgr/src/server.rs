@@ -15,7 +15,7 @@
 //! network or node) is a 400 `invalid_argument`, as for volumes: 404 is for the resource in
 //! the path.
 //!
-//! Overlay networks, ports and vswitches live in [`network`].
+//! Overlay networks, ports and vswitches live in [`network`]; load-balanced VIPs in [`vip`].
 
 use crate::api::{self, ApiError};
 use crate::metrics::Metrics;
@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod network;
+mod vip;
 
 /// Largest volume: 1 PiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
@@ -109,6 +110,8 @@ pub struct App {
     /// When this process opened the state (switches not heard from since keep their recorded
     /// state for `down_after`).
     started_ms: u64,
+    /// VIP watch revision and the lb-vip instances' reports (memory only).
+    vips: vip::VipLive,
 }
 
 /// An API error: status, stable code, one-line message.
@@ -801,6 +804,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     let _ = writeln!(out, "# HELP volume_mgr_nodes Nodes by state.\n# TYPE volume_mgr_nodes gauge\nvolume_mgr_nodes{{state=\"up\"}} {up}\nvolume_mgr_nodes{{state=\"down\"}} {down}");
     let _ = writeln!(out, "# HELP volume_mgr_volumes Volumes.\n# TYPE volume_mgr_volumes gauge\nvolume_mgr_volumes {vols}");
     network::render_metrics(&app, &mut out);
+    vip::render_metrics(&app, &mut out);
     let _ = writeln!(out, "# HELP volume_mgr_store_revision Store revision.\n# TYPE volume_mgr_store_revision gauge\nvolume_mgr_store_revision {rev}");
     (
         [(
@@ -866,6 +870,21 @@ pub fn router(app: Arc<App>) -> Router {
             put(network::switch_heartbeat),
         )
         .route("/v1/netstate", get(network::net_state))
+        .route("/v1/vips", get(vip::list_vips).post(vip::create_vip))
+        .route("/v1/vips/{name}", get(vip::get_vip).delete(vip::delete_vip))
+        .route(
+            "/v1/vips/{name}/backends",
+            axum::routing::post(vip::add_backend),
+        )
+        .route(
+            "/v1/vips/{name}/backends/{addr}",
+            axum::routing::delete(vip::remove_backend),
+        )
+        .route(
+            "/v1/vips/{name}/backends/{addr}/drain",
+            axum::routing::post(vip::drain_backend),
+        )
+        .route("/v1/vips/{name}/status/{node}", put(vip::report))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
@@ -932,6 +951,7 @@ pub fn open_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Arc<App>, S
         switch_live: Mutex::new(HashMap::new()),
         switch_wake: tokio::sync::Notify::new(),
         started_ms: now_ms(),
+        vips: vip::VipLive::new(rev),
     }))
 }
 

@@ -24,6 +24,11 @@ pub enum Kind {
     /// committed with the object under `Cond`s, so no two objects ever share a VNI, address or
     /// interface, and no network is deleted while it has ports.
     NetIndex,
+    /// Load-balanced VIPs (with their backends), by name.
+    Vip,
+    /// Uniqueness index of VIPs: `addr/PROTO/IP:PORT` holds the owner's name, committed with
+    /// the VIP under a `Cond`, so no two VIPs ever share an address and protocol.
+    VipIndex,
 }
 
 impl Kind {
@@ -38,6 +43,8 @@ impl Kind {
             Kind::Port => "port/",
             Kind::Switch => "switch/",
             Kind::NetIndex => "netindex/",
+            Kind::Vip => "vip/",
+            Kind::VipIndex => "vipindex/",
         }
     }
 }
@@ -205,6 +212,8 @@ pub fn conformance(s: &dyn Store) {
         Kind::Port,
         Kind::Switch,
         Kind::NetIndex,
+        Kind::Vip,
+        Kind::VipIndex,
     ] {
         assert!(s.list(kind).unwrap().1.is_empty(), "fresh store: {kind:?}");
     }
