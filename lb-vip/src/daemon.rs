@@ -1,0 +1,666 @@
+//! The lb-vip daemon: follows the VIPs in volume-mgr (`GET /v1/vips?after_revision=`,
+//! long-poll) and reconciles them into listeners ([`proxy`](crate::proxy) for TCP,
+//! [`udp`](crate::udp) for UDP), one health-check task per backend, status reports to the
+//! manager (`PUT /v1/vips/{name}/status/{node}`) and the HTTP endpoint (`/metrics`,
+//! `/healthz`).
+//!
+//! Reconfiguration keeps what did not change: a VIP whose address and protocol stay keeps its
+//! socket (its scheduler, persistence table and backends are updated in place, backends
+//! keep their health and counters by address); established connections are separate tasks
+//! and are never cut by a reconfiguration, except that the connections of a drained or
+//! removed backend end when its drain time runs out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use volume_mgr::api;
+use volume_mgr::client::Client;
+
+use crate::config::{BackendConfig, BackendState, Config, VipConfig};
+use crate::health::{CheckKind, CheckParams, Health, Transition};
+use crate::metrics::{BackendStats, VipStats};
+use crate::sched::{Algo, BackendSpec, FlowKey, Persist, Proto, SchedOptions, Scheduler};
+
+/// Wall-clock milliseconds since the epoch (the unit of `drain_started_ms`).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The tokio instant at wall-clock time `at_ms` (now if it has passed).
+fn instant_at(at_ms: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms()))
+}
+
+/// One backend of a running VIP. Connections hold it (`Arc`) while they last, also after the
+/// backend left the VIP.
+#[derive(Debug)]
+pub struct Backend {
+    /// `IP:PORT` as the control plane spells it.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub stats: Arc<BackendStats>,
+    /// When its established connections must end (drained or removed), if ever.
+    close_tx: watch::Sender<Option<tokio::time::Instant>>,
+    health: Mutex<Health>,
+    /// Administratively active (not draining, not removed).
+    active: AtomicBool,
+    check: Mutex<Option<AbortHandle>>,
+}
+
+impl Backend {
+    fn new(name: String, addr: SocketAddr) -> Backend {
+        Backend {
+            name,
+            addr,
+            stats: Arc::new(BackendStats::new()),
+            close_tx: watch::channel(None).0,
+            health: Mutex::new(Health::new(now_ms())),
+            active: AtomicBool::new(true),
+            check: Mutex::new(None),
+        }
+    }
+
+    /// The close deadline, watched by the backend's connections.
+    pub fn close_rx(&self) -> watch::Receiver<Option<tokio::time::Instant>> {
+        self.close_tx.subscribe()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.stats.up.load(Ordering::Relaxed)
+    }
+
+    /// Healthy and administratively active (limits aside).
+    pub fn usable(&self) -> bool {
+        self.is_up() && self.active.load(Ordering::Relaxed)
+    }
+
+    fn set_close_at(&self, at: Option<tokio::time::Instant>) {
+        self.close_tx.send_if_modified(|cur| {
+            let new = match (at, *cur) {
+                // An earlier deadline stays.
+                (Some(a), Some(c)) => Some(a.min(c)),
+                (a, _) => a,
+            };
+            let changed = *cur != new;
+            *cur = new;
+            changed
+        });
+    }
+
+    fn stop_check(&self) {
+        if let Some(h) = self.check.lock().unwrap().take() {
+            h.abort();
+        }
+    }
+
+    fn on_transition(&self, vip: &str, t: Option<Transition>) {
+        let Some(t) = t else { return };
+        BackendStats::add(&self.stats.transitions, 1);
+        let up = t == Transition::Up;
+        self.stats.up.store(up, Ordering::Relaxed);
+        let why = self.health.lock().unwrap().last_error().map(str::to_string);
+        if up {
+            tracing::info!(vip, backend = %self.name, "backend up");
+        } else {
+            tracing::warn!(vip, backend = %self.name, reason = why.as_deref().unwrap_or(""), "backend down");
+        }
+    }
+}
+
+struct VipState {
+    cfg: VipConfig,
+    sched: Scheduler,
+    persist: Persist,
+    /// Index-aligned with `sched`'s backends.
+    backends: Vec<Arc<Backend>>,
+}
+
+/// A VIP this instance serves.
+pub struct Vip {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub proto: Proto,
+    pub connect_timeout: Duration,
+    pub stats: VipStats,
+    proxy_protocol: AtomicBool,
+    state: Mutex<VipState>,
+}
+
+impl Vip {
+    /// A VIP with `cfg` (no backends started yet: call [`apply`](Self::apply)).
+    fn new(cfg: &VipConfig, connect_timeout: Duration, maglev_size: usize) -> Vip {
+        let opts = SchedOptions {
+            maglev_size,
+            seed: crate::sched::client_hash(cfg.addr.ip()) | 1,
+            ..SchedOptions::default()
+        };
+        let sched = Scheduler::with_options(cfg.algo, &[], opts)
+            .or_else(|_| Scheduler::new(cfg.algo, &[]))
+            .unwrap_or_else(|_| {
+                Scheduler::new(Algo::Rr, &[]).expect("an empty rr scheduler always builds")
+            });
+        Vip {
+            name: cfg.name.clone(),
+            addr: cfg.addr,
+            proto: cfg.proto,
+            connect_timeout,
+            stats: VipStats::default(),
+            proxy_protocol: AtomicBool::new(cfg.proxy_protocol),
+            state: Mutex::new(VipState {
+                cfg: VipConfig {
+                    backends: Vec::new(),
+                    ..cfg.clone()
+                },
+                sched,
+                persist: Persist::new(cfg.persist_secs * 1000),
+                backends: Vec::new(),
+            }),
+        }
+    }
+
+    pub fn proxy_protocol(&self) -> bool {
+        self.proxy_protocol.load(Ordering::Relaxed)
+    }
+
+    /// Chooses a backend for a new connection (flow) from `client` and counts it as active
+    /// (give it back with [`release`](Self::release)). None: no backend is usable.
+    pub fn choose(&self, client: SocketAddr) -> Option<Arc<Backend>> {
+        let mut st = self.state.lock().unwrap();
+        let st = &mut *st;
+        let flow = FlowKey::new(client, self.addr, self.proto);
+        let backends = &st.backends;
+        let i = st
+            .persist
+            .pick(&mut st.sched, &flow, now_ms(), |i| backends[i].usable())?;
+        st.sched.conn_opened(i);
+        let b = st.backends[i].clone();
+        BackendStats::add(&b.stats.active, 1);
+        BackendStats::add(&b.stats.total, 1);
+        Some(b)
+    }
+
+    /// A connection (flow) chosen by [`choose`](Self::choose) ended.
+    pub fn release(&self, b: &Arc<Backend>) {
+        BackendStats::sub(&b.stats.active);
+        let mut st = self.state.lock().unwrap();
+        if let Some(i) = st.backends.iter().position(|x| Arc::ptr_eq(x, b)) {
+            st.sched.conn_closed(i);
+        }
+    }
+
+    /// Passive check: connecting to `b` failed; it is down at once.
+    pub fn passive_fail(&self, b: &Backend, why: String) {
+        let t = b.health.lock().unwrap().mark_down(why, now_ms());
+        b.on_transition(&self.name, t);
+    }
+
+    fn check_params(&self) -> CheckParams {
+        self.state.lock().unwrap().cfg.check.clone()
+    }
+
+    /// Applies a new configuration (same address and protocol). Backends are matched by
+    /// address: kept ones keep health, counters and connections. On a scheduler error
+    /// (bad weight, table size) nothing changes.
+    pub fn apply(self: &Arc<Self>, cfg: VipConfig) -> Result<(), String> {
+        let mut started = Vec::new();
+        let mut removed = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            let specs: Vec<BackendSpec> = cfg
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    name: b.addr.to_string(),
+                    weight: b.weight,
+                    max_conns: b.max_conns,
+                })
+                .collect();
+            let map = st
+                .sched
+                .reconfigure(cfg.algo, &specs)
+                .map_err(|e| e.to_string())?;
+            let mut by_name: HashMap<String, Arc<Backend>> = st
+                .backends
+                .iter()
+                .map(|b| (b.name.clone(), b.clone()))
+                .collect();
+            let mut backends = Vec::with_capacity(cfg.backends.len());
+            for b in &cfg.backends {
+                let name = b.addr.to_string();
+                let be = match by_name.remove(&name) {
+                    Some(be) => be,
+                    None => {
+                        let be = Arc::new(Backend::new(name, b.addr));
+                        started.push(be.clone());
+                        be
+                    }
+                };
+                match b.state {
+                    BackendState::Active => {
+                        be.active.store(true, Ordering::Relaxed);
+                        be.set_close_at(None);
+                    }
+                    BackendState::Draining { started_ms } => {
+                        be.active.store(false, Ordering::Relaxed);
+                        be.set_close_at(Some(instant_at(
+                            started_ms.saturating_add(cfg.drain_secs.saturating_mul(1000)),
+                        )));
+                    }
+                }
+                backends.push(be);
+            }
+            removed.extend(by_name.into_values());
+            if st.cfg.persist_secs != cfg.persist_secs {
+                st.persist = Persist::new(cfg.persist_secs.saturating_mul(1000));
+            } else {
+                st.persist.remap(&map);
+            }
+            st.backends = backends;
+            self.proxy_protocol
+                .store(cfg.proxy_protocol, Ordering::Relaxed);
+            st.cfg = cfg;
+        }
+        let drain = Duration::from_secs(self.state.lock().unwrap().cfg.drain_secs);
+        for b in removed {
+            tracing::info!(vip = %self.name, backend = %b.name, "backend removed; draining its connections");
+            b.active.store(false, Ordering::Relaxed);
+            b.stop_check();
+            b.set_close_at(Some(tokio::time::Instant::now() + drain));
+        }
+        for b in started {
+            let task = tokio::spawn(check_loop(Arc::downgrade(self), b.clone()));
+            *b.check.lock().unwrap() = Some(task.abort_handle());
+        }
+        Ok(())
+    }
+
+    /// Stops everything of the VIP: checks end, established connections get the drain time.
+    fn shutdown(&self) {
+        let st = self.state.lock().unwrap();
+        let drain = Duration::from_secs(st.cfg.drain_secs);
+        for b in &st.backends {
+            b.active.store(false, Ordering::Relaxed);
+            b.stop_check();
+            b.set_close_at(Some(tokio::time::Instant::now() + drain));
+        }
+    }
+
+    /// The backends now (in configuration order).
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.state.lock().unwrap().backends.clone()
+    }
+}
+
+/// Active checks of one backend, every `interval`, until aborted (or the VIP is gone).
+async fn check_loop(vip: std::sync::Weak<Vip>, b: Arc<Backend>) {
+    loop {
+        let Some(p) = vip.upgrade().map(|v| v.check_params()) else {
+            return;
+        };
+        tokio::time::sleep(Duration::from_millis(p.interval_ms.max(10))).await;
+        let res = crate::health::probe(b.addr, &p)
+            .await
+            .map_err(|e| e.to_string());
+        let Some(v) = vip.upgrade() else { return };
+        let t = b.health.lock().unwrap().record(res, &p, now_ms());
+        b.on_transition(&v.name, t);
+    }
+}
+
+/// `api::Vip` → [`VipConfig`].
+pub fn vip_config(v: &api::Vip) -> Result<VipConfig, String> {
+    let addr: SocketAddr = v
+        .addr
+        .parse()
+        .map_err(|_| format!("addr {:?} is not IP:PORT", v.addr))?;
+    let proto = match v.proto {
+        api::VipProto::Tcp => Proto::Tcp,
+        api::VipProto::Udp => Proto::Udp,
+    };
+    let algo = match v.algo {
+        api::VipAlgo::Rr => Algo::Rr,
+        api::VipAlgo::Wrr => Algo::Wrr,
+        api::VipAlgo::Lc => Algo::Lc,
+        api::VipAlgo::Wlc => Algo::Wlc,
+        api::VipAlgo::P2c => Algo::P2c,
+        api::VipAlgo::SourceHash => Algo::SourceHash,
+        api::VipAlgo::Maglev => Algo::Maglev,
+    };
+    let kind = match v.check.kind {
+        api::CheckKind::Tcp => CheckKind::Tcp,
+        api::CheckKind::Http => CheckKind::Http {
+            path: v.check.http_path.clone().unwrap_or_else(|| "/".into()),
+            status: v.check.http_status.unwrap_or(200),
+        },
+    };
+    let check = CheckParams {
+        kind,
+        interval_ms: u64::from(v.check.interval_ms),
+        timeout_ms: u64::from(v.check.timeout_ms),
+        rise: v.check.rise,
+        fall: v.check.fall,
+    };
+    let mut backends = Vec::with_capacity(v.backends.len());
+    for b in &v.backends {
+        let a: SocketAddr = b
+            .addr
+            .parse()
+            .map_err(|_| format!("backend {:?} is not IP:PORT", b.addr))?;
+        backends.push(BackendConfig {
+            addr: a,
+            weight: b.weight,
+            max_conns: b.max_conns,
+            state: match b.state {
+                api::BackendState::Active => BackendState::Active,
+                api::BackendState::Draining => BackendState::Draining {
+                    started_ms: b.drain_started_ms.unwrap_or_else(now_ms),
+                },
+            },
+        });
+    }
+    Ok(VipConfig {
+        name: v.name.clone(),
+        addr,
+        proto,
+        algo,
+        persist_secs: u64::from(v.persist_secs),
+        drain_secs: u64::from(v.drain_secs),
+        proxy_protocol: v.proxy_protocol,
+        check,
+        backends,
+    })
+}
+
+/// A VIP and its socket task.
+struct Entry {
+    vip: Arc<Vip>,
+    key: (SocketAddr, Proto),
+    maglev_size: usize,
+    /// The accept / receive loop; None while the address is not local.
+    task: Option<AbortHandle>,
+}
+
+impl Entry {
+    fn listening(&self) -> bool {
+        self.task.is_some()
+    }
+}
+
+/// Shared daemon state.
+struct Shared {
+    node: String,
+    cfg: Config,
+    vips: Mutex<BTreeMap<String, Entry>>,
+    revision: std::sync::atomic::AtomicU64,
+}
+
+/// Binds the VIP's socket and starts its loop; logs and leaves it unbound when the address
+/// is not on this host (or is taken).
+fn start_listener(shared: &Shared, e: &mut Entry) {
+    if e.task.is_some() {
+        return;
+    }
+    let vip = e.vip.clone();
+    let res = match vip.proto {
+        Proto::Tcp => crate::proxy::listen(vip.addr)
+            .map(|l| tokio::spawn(crate::proxy::serve(vip.clone(), l)).abort_handle()),
+        Proto::Udp => crate::udp::bind(vip.addr).map(|s| {
+            tokio::spawn(crate::udp::serve(
+                vip.clone(),
+                s,
+                shared.cfg.udp_idle_timeout,
+            ))
+            .abort_handle()
+        }),
+    };
+    match res {
+        Ok(h) => {
+            tracing::info!(vip = %vip.name, addr = %vip.addr, proto = %vip.proto, "serving VIP");
+            e.task = Some(h);
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            tracing::info!(vip = %vip.name, addr = %vip.addr, "VIP address is not local to this host; skipped");
+        }
+        Err(err) => {
+            tracing::warn!(vip = %vip.name, addr = %vip.addr, error = %err, "cannot bind the VIP address; skipped");
+        }
+    }
+}
+
+/// Makes the running VIPs match `items`.
+fn reconcile(shared: &Shared, items: &[api::Vip]) {
+    let mut vips = shared.vips.lock().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for v in items {
+        let cfg = match vip_config(v) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(vip = %v.name, error = %e, "VIP not usable; skipped");
+                continue;
+            }
+        };
+        seen.insert(cfg.name.clone());
+        let maglev_size = v.maglev_table_size as usize;
+        let same = vips
+            .get(&cfg.name)
+            .is_some_and(|e| e.key == cfg.listen_key() && e.maglev_size == maglev_size);
+        if !same {
+            if let Some(old) = vips.remove(&cfg.name) {
+                tracing::info!(vip = %cfg.name, "VIP address changed; new socket");
+                stop_entry(old);
+            }
+            let vip = Arc::new(Vip::new(&cfg, shared.cfg.connect_timeout, maglev_size));
+            vips.insert(
+                cfg.name.clone(),
+                Entry {
+                    vip,
+                    key: cfg.listen_key(),
+                    maglev_size,
+                    task: None,
+                },
+            );
+        }
+        let Some(e) = vips.get_mut(&cfg.name) else {
+            continue;
+        };
+        if let Err(err) = e.vip.apply(cfg) {
+            tracing::warn!(vip = %e.vip.name, error = %err, "VIP configuration refused; keeping the previous one");
+        }
+        start_listener(shared, e);
+    }
+    let gone: Vec<String> = vips
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect();
+    for name in gone {
+        if let Some(e) = vips.remove(&name) {
+            tracing::info!(vip = %name, "VIP deleted");
+            stop_entry(e);
+        }
+    }
+}
+
+fn stop_entry(e: Entry) {
+    if let Some(t) = e.task {
+        t.abort();
+    }
+    e.vip.shutdown();
+}
+
+/// Runs lb-vip until `shutdown` completes.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared {
+        node: cfg.node.clone(),
+        cfg: cfg.clone(),
+        vips: Mutex::new(BTreeMap::new()),
+        revision: std::sync::atomic::AtomicU64::new(0),
+    });
+    let client = Client::new(cfg.manager.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = cfg.http_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on http-listen {addr}"))?;
+        tracing::info!(%addr, "metrics listening");
+        let app = http(shared.clone());
+        tasks.spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+    }
+    tasks.spawn(control_loop(shared.clone(), client.clone()));
+    tasks.spawn(report_loop(shared.clone(), client));
+    shutdown.await;
+    tracing::info!("lb-vip stopping");
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let entries: Vec<Entry> = std::mem::take(&mut *shared.vips.lock().unwrap())
+        .into_values()
+        .collect();
+    for e in entries {
+        if let Some(t) = e.task {
+            t.abort();
+        }
+    }
+    tracing::info!("lb-vip stopped");
+    Ok(())
+}
+
+/// Follows `/v1/vips` (long-poll) and reconciles.
+async fn control_loop(shared: Arc<Shared>, client: Client) {
+    let mut rev: Option<u64> = None;
+    loop {
+        let res = match rev {
+            None => client.list_vips().await,
+            Some(r) => client.watch_vips(r, Duration::from_secs(30)).await,
+        };
+        let list = match res {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the VIPs failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if rev == Some(list.revision) {
+            continue;
+        }
+        rev = Some(list.revision);
+        shared.revision.store(list.revision, Ordering::Relaxed);
+        reconcile(&shared, &list.items);
+    }
+}
+
+/// Every `report_interval`: the VIPs' status to the manager; binds VIPs whose address became
+/// local meanwhile.
+async fn report_loop(shared: Arc<Shared>, client: Client) {
+    let mut t = tokio::time::interval(shared.cfg.report_interval);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        t.tick().await;
+        let reports: Vec<(String, api::VipReport)> = {
+            let mut vips = shared.vips.lock().unwrap();
+            vips.values_mut()
+                .map(|e| {
+                    start_listener(&shared, e);
+                    (e.vip.name.clone(), report(e))
+                })
+                .collect()
+        };
+        for (name, r) in reports {
+            if let Err(e) = client.report_vip(&name, &shared.node, &r).await {
+                tracing::debug!(vip = %name, error = %e, "status report failed");
+            }
+        }
+    }
+}
+
+fn report(e: &Entry) -> api::VipReport {
+    api::VipReport {
+        holder: e.listening(),
+        backends: e
+            .vip
+            .backends()
+            .iter()
+            .map(|b| {
+                let s = &b.stats;
+                api::BackendStats {
+                    addr: b.name.clone(),
+                    healthy: b.is_up(),
+                    active_conns: BackendStats::get(&s.active),
+                    total_conns: BackendStats::get(&s.total),
+                    bytes_in: BackendStats::get(&s.bytes_in),
+                    bytes_out: BackendStats::get(&s.bytes_out),
+                    health_transitions: BackendStats::get(&s.transitions),
+                    errors: BackendStats::get(&s.errors),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn http(shared: Arc<Shared>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let shared = shared.clone();
+                async move { metrics(&shared) }
+            }),
+        )
+}
+
+fn metrics(shared: &Shared) -> String {
+    use crate::metrics::{render, BackendRow, VipRow};
+    use std::fmt::Write;
+    let entries: Vec<(Arc<Vip>, bool)> = shared
+        .vips
+        .lock()
+        .unwrap()
+        .values()
+        .map(|e| (e.vip.clone(), e.listening()))
+        .collect();
+    let backends: Vec<(Arc<Vip>, Vec<Arc<Backend>>)> = entries
+        .iter()
+        .map(|(v, _)| (v.clone(), v.backends()))
+        .collect();
+    let vip_rows: Vec<VipRow<'_>> = entries
+        .iter()
+        .map(|(v, listening)| VipRow {
+            vip: &v.name,
+            proto: v.proto.as_str(),
+            listening: *listening,
+            stats: &v.stats,
+        })
+        .collect();
+    let backend_rows: Vec<BackendRow<'_>> = backends
+        .iter()
+        .flat_map(|(v, bs)| {
+            bs.iter().map(move |b| BackendRow {
+                vip: &v.name,
+                backend: &b.name,
+                stats: &b.stats,
+            })
+        })
+        .collect();
+    let mut out = String::new();
+    render(&mut out, &vip_rows, &backend_rows);
+    let _ = writeln!(
+        out,
+        "# HELP lbvip_revision Control-plane revision last applied.\n# TYPE lbvip_revision gauge\nlbvip_revision {}",
+        shared.revision.load(Ordering::Relaxed)
+    );
+    out
+}

@@ -1,0 +1,88 @@
+//! lb-vip: flags and config, logging, signals; everything else is in the library.
+
+use clap::Parser;
+use lb_vip::config::FileConfig;
+use std::path::PathBuf;
+
+/// Fabric load-balanced virtual IPs: TCP/UDP proxy with health checks, persistence and
+/// draining, configured from volume-mgr.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file (kebab-case keys, same names as the flags; flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// volume-mgr URL(s), comma-separated [default: http://127.0.0.1:7700]
+    #[arg(long)]
+    manager: Option<String>,
+    /// Node name (the key of this instance's VIP reports) [default: the host name]
+    #[arg(long)]
+    node: Option<String>,
+    /// /metrics and /healthz address ("none" to disable) [default: 127.0.0.1:7950]
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// Period of the status reports to volume-mgr [default: 1s]
+    #[arg(long)]
+    report_interval: Option<String>,
+    /// Backend connect timeout; a timeout takes the backend down at once [default: 1s]
+    #[arg(long)]
+    connect_timeout: Option<String>,
+    /// A UDP flow without traffic this long is forgotten [default: 30s]
+    #[arg(long)]
+    udp_idle_timeout: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let file = match &args.config {
+        Some(p) => match FileConfig::from_file(p) {
+            Ok(f) => f,
+            Err(e) => return fail(&e),
+        },
+        None => FileConfig::default(),
+    };
+    let flags = FileConfig {
+        manager: args.manager,
+        node: args.node,
+        http_listen: args.http_listen,
+        report_interval: args.report_interval,
+        connect_timeout: args.connect_timeout,
+        udp_idle_timeout: args.udp_idle_timeout,
+    };
+    let cfg = match file.overlay(flags).resolve() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .thread_name("lb-vip")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("tokio runtime: {e}")),
+    };
+    match rt.block_on(lb_vip::daemon::run(cfg, shutdown_signal())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+fn fail(msg: &str) -> std::process::ExitCode {
+    eprintln!("lb-vip: {msg}");
+    std::process::ExitCode::FAILURE
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
