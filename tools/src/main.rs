@@ -5,6 +5,7 @@ mod size;
 mod table;
 mod up;
 mod verify;
+mod vip;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -15,7 +16,7 @@ use volume_mgr::client::Client;
 #[command(
     name = "fabctl",
     version,
-    about = "Operate a Fabric cluster: volumes, nodes, disks, overlay networks, ports, vswitches; `fabctl up` for one host"
+    about = "Operate a Fabric cluster: volumes, nodes, disks, overlay networks, ports, vswitches, load-balanced VIPs; `fabctl up` for one host"
 )]
 struct Cli {
     /// volume-mgr URL(s), comma-separated (tried in order): http://HOST:PORT.
@@ -59,6 +60,9 @@ enum Cmd {
     /// vswitches (one per host).
     #[command(subcommand)]
     Switch(net::SwitchCmd),
+    /// Load-balanced virtual IPs (served by lb-vip) and their backends.
+    #[command(subcommand)]
+    Vip(vip::VipCmd),
     /// Run the single-host all-in-one (volume-mgr + blockd) until Ctrl-C.
     Up(up::UpArgs),
 }
@@ -227,6 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Net(c) => net::net(&client, c, json).await?,
         Cmd::Port(c) => net::port(&client, c, json).await?,
         Cmd::Switch(c) => net::switch(&client, c, json).await?,
+        Cmd::Vip(c) => vip::vip(&client, c, json).await?,
         Cmd::Volume(VolumeCmd::Create {
             name,
             size,
