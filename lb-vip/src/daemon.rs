@@ -52,8 +52,6 @@ pub struct Backend {
     /// When its established connections must end (drained or removed), if ever.
     close_tx: watch::Sender<Option<tokio::time::Instant>>,
     health: Mutex<Health>,
-    /// Administratively active (not draining, not removed).
-    active: AtomicBool,
     check: Mutex<Option<AbortHandle>>,
 }
 
@@ -65,7 +63,6 @@ impl Backend {
             stats: Arc::new(BackendStats::new()),
             close_tx: watch::channel(None).0,
             health: Mutex::new(Health::new(now_ms())),
-            active: AtomicBool::new(true),
             check: Mutex::new(None),
         }
     }
@@ -81,7 +78,7 @@ impl Backend {
 
     /// Healthy and administratively active (limits aside).
     pub fn usable(&self) -> bool {
-        self.is_up() && self.active.load(Ordering::Relaxed)
+        self.is_up() && self.stats.serving.load(Ordering::Relaxed)
     }
 
     fn set_close_at(&self, at: Option<tokio::time::Instant>) {
@@ -247,11 +244,11 @@ impl Vip {
                 };
                 match b.state {
                     BackendState::Active => {
-                        be.active.store(true, Ordering::Relaxed);
+                        be.stats.serving.store(true, Ordering::Relaxed);
                         be.set_close_at(None);
                     }
                     BackendState::Draining { started_ms } => {
-                        be.active.store(false, Ordering::Relaxed);
+                        be.stats.serving.store(false, Ordering::Relaxed);
                         be.set_close_at(Some(instant_at(
                             started_ms.saturating_add(cfg.drain_secs.saturating_mul(1000)),
                         )));
@@ -273,7 +270,7 @@ impl Vip {
         let drain = Duration::from_secs(self.state.lock().unwrap().cfg.drain_secs);
         for b in removed {
             tracing::info!(vip = %self.name, backend = %b.name, "backend removed; draining its connections");
-            b.active.store(false, Ordering::Relaxed);
+            b.stats.serving.store(false, Ordering::Relaxed);
             b.stop_check();
             b.set_close_at(Some(tokio::time::Instant::now() + drain));
         }
@@ -289,7 +286,7 @@ impl Vip {
         let st = self.state.lock().unwrap();
         let drain = Duration::from_secs(st.cfg.drain_secs);
         for b in &st.backends {
-            b.active.store(false, Ordering::Relaxed);
+            b.stats.serving.store(false, Ordering::Relaxed);
             b.stop_check();
             b.set_close_at(Some(tokio::time::Instant::now() + drain));
         }
@@ -301,16 +298,26 @@ impl Vip {
     }
 }
 
-/// Active checks of one backend, every `interval`, until aborted (or the VIP is gone).
+/// Active checks of one backend, every `interval`, until aborted (or the VIP is gone). UDP
+/// VIPs with the default TCP check have passive checks only (see below); an HTTP check is
+/// run as configured (a TCP service beside the UDP one).
 async fn check_loop(vip: std::sync::Weak<Vip>, b: Arc<Backend>) {
     loop {
         let Some(p) = vip.upgrade().map(|v| v.check_params()) else {
             return;
         };
         tokio::time::sleep(Duration::from_millis(p.interval_ms.max(10))).await;
-        let res = crate::health::probe(b.addr, &p)
-            .await
-            .map_err(|e| e.to_string());
+        let udp = vip.upgrade().is_some_and(|v| v.proto == Proto::Udp);
+        let res = if udp && p.kind == CheckKind::Tcp {
+            // A UDP backend has no TCP port to connect to: health is passive only (ICMP port
+            // unreachable takes it down), and a downed backend is tried again after `rise`
+            // intervals.
+            Ok(())
+        } else {
+            crate::health::probe(b.addr, &p)
+                .await
+                .map_err(|e| e.to_string())
+        };
         let Some(v) = vip.upgrade() else { return };
         let t = b.health.lock().unwrap().record(res, &p, now_ms());
         b.on_transition(&v.name, t);

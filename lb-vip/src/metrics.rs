@@ -23,12 +23,15 @@ pub struct BackendStats {
     pub up: AtomicBool,
     /// Connections closed because a drain (or removal) ran out.
     pub drain_closed: AtomicU64,
+    /// Administratively active: not draining, not removed (gets new connections while up).
+    pub serving: AtomicBool,
 }
 
 impl BackendStats {
     pub fn new() -> BackendStats {
         BackendStats {
             up: AtomicBool::new(true),
+            serving: AtomicBool::new(true),
             ..BackendStats::default()
         }
     }
@@ -138,7 +141,7 @@ pub fn render(out: &mut String, vips: &[VipRow<'_>], backends: &[BackendRow<'_>]
         }
     }
     type BackendGet = fn(&BackendStats) -> u64;
-    let backend_metrics: [(&str, &str, &str, BackendGet); 8] = [
+    let backend_metrics: [(&str, &str, &str, BackendGet); 9] = [
         (
             "lbvip_backend_active",
             "gauge",
@@ -186,6 +189,12 @@ pub fn render(out: &mut String, vips: &[VipRow<'_>], backends: &[BackendRow<'_>]
             "gauge",
             "1 when the backend is healthy.",
             |s| u64::from(s.up.load(Ordering::Relaxed)),
+        ),
+        (
+            "lbvip_backend_serving",
+            "gauge",
+            "1 unless the backend is draining or removed.",
+            |s| u64::from(s.serving.load(Ordering::Relaxed)),
         ),
     ];
     for (name, kind, help, get) in backend_metrics {

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod guest;
+pub mod lbvip;
 pub mod multihost;
 pub mod nbd;
 pub mod netns;
