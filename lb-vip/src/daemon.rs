@@ -671,3 +671,166 @@ fn metrics(shared: &Shared) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+    fn cfg(addr: SocketAddr, proto: Proto, backends: &[SocketAddr]) -> VipConfig {
+        VipConfig {
+            name: "v".into(),
+            addr,
+            proto,
+            algo: Algo::Rr,
+            persist_secs: 0,
+            drain_secs: 30,
+            proxy_protocol: false,
+            check: CheckParams {
+                interval_ms: 60_000,
+                ..CheckParams::default()
+            },
+            backends: backends
+                .iter()
+                .map(|a| BackendConfig {
+                    addr: *a,
+                    weight: 1,
+                    max_conns: None,
+                    state: BackendState::Active,
+                })
+                .collect(),
+        }
+    }
+
+    fn vip(c: &VipConfig) -> Arc<Vip> {
+        let v = Arc::new(Vip::new(c, Duration::from_millis(500), 65537));
+        v.apply(c.clone()).unwrap();
+        v
+    }
+
+    fn closed_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn apply_keeps_backends_by_address() {
+        let (a, b, c) = (closed_port(), closed_port(), closed_port());
+        let mut conf = cfg("127.0.0.1:1".parse().unwrap(), Proto::Tcp, &[a, b]);
+        let v = vip(&conf);
+        let before = v.backends();
+        conf.backends = cfg(conf.addr, Proto::Tcp, &[b, c]).backends;
+        v.apply(conf.clone()).unwrap();
+        let after = v.backends();
+        assert!(Arc::ptr_eq(&before[1], &after[0]), "b was replaced");
+        assert_eq!(after[1].addr, c);
+        assert!(
+            !before[0].stats.serving.load(Ordering::Relaxed),
+            "a still serving"
+        );
+        assert!(
+            before[0].close_rx().borrow().is_some(),
+            "a has no drain deadline"
+        );
+        // A bad weight is refused and changes nothing.
+        conf.backends[0].weight = 1000;
+        assert!(v.apply(conf).is_err());
+        assert!(Arc::ptr_eq(&v.backends()[0], &after[0]));
+    }
+
+    #[tokio::test]
+    async fn tcp_proxy_sends_proxy_v2_retries_refused_backends_and_counts_bytes() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    let mut hdr = [0u8; 28];
+                    if s.read_exact(&mut hdr).await.is_err() {
+                        continue;
+                    }
+                    let (h, n) = crate::proxy_v2::parse(&hdr).unwrap();
+                    assert_eq!(n, 28);
+                    seen.lock().unwrap().push(h.addresses().unwrap());
+                    let mut ping = [0u8; 4];
+                    s.read_exact(&mut ping).await.unwrap();
+                    s.write_all(b"pong").await.unwrap();
+                }
+            });
+        }
+        let dead = closed_port();
+        let listener = crate::proxy::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let vaddr = listener.local_addr().unwrap();
+        let mut conf = cfg(vaddr, Proto::Tcp, &[dead, live]);
+        conf.proxy_protocol = true;
+        let v = vip(&conf);
+        tokio::spawn(crate::proxy::serve(v.clone(), listener));
+        for _ in 0..4 {
+            let mut c = TcpStream::connect(vaddr).await.unwrap();
+            c.write_all(b"ping").await.unwrap();
+            let mut pong = [0u8; 4];
+            c.read_exact(&mut pong).await.unwrap();
+            assert_eq!(&pong, b"pong");
+            let me = c.local_addr().unwrap();
+            assert_eq!(seen.lock().unwrap().last(), Some(&(me, vaddr)));
+        }
+        let bs = v.backends();
+        assert!(!bs[0].is_up(), "the refused backend is still up");
+        assert_eq!(BackendStats::get(&bs[0].stats.errors), 1);
+        assert_eq!(BackendStats::get(&v.stats.retries), 1);
+        assert_eq!(BackendStats::get(&bs[1].stats.total), 4);
+        // Counters settle once the connections end.
+        for _ in 0..100 {
+            if BackendStats::get(&bs[1].stats.active) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(BackendStats::get(&bs[1].stats.active), 0);
+        assert_eq!(BackendStats::get(&bs[1].stats.bytes_in), 16);
+        assert_eq!(BackendStats::get(&bs[1].stats.bytes_out), 16);
+    }
+
+    #[tokio::test]
+    async fn udp_flow_answers_from_the_vip_and_expires_when_idle() {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let eaddr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                let _ = echo.send_to(&buf[..n], from).await;
+            }
+        });
+        let sock = crate::udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let vaddr = sock.local_addr().unwrap();
+        let v = vip(&cfg(vaddr, Proto::Udp, &[eaddr]));
+        tokio::spawn(crate::udp::serve(
+            v.clone(),
+            sock,
+            Duration::from_millis(200),
+        ));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        for d in [&b"hi"[..], &b""[..], &vec![7u8; 65_000][..]] {
+            client.send_to(d, vaddr).await.unwrap();
+            let (n, from) =
+                tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(from, vaddr, "answer not from the VIP");
+            assert_eq!(&buf[..n], d);
+        }
+        let b = &v.backends()[0];
+        assert_eq!(BackendStats::get(&b.stats.total), 1, "one flow");
+        assert_eq!(BackendStats::get(&b.stats.active), 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(BackendStats::get(&b.stats.active), 0, "idle flow kept");
+    }
+}

@@ -88,11 +88,11 @@ pub async fn serve(vip: Arc<Vip>, sock: UdpSocket, idle: Duration) {
         } else {
             &buf[..n]
         };
-        match flow.sock.try_send(payload) {
+        // `send`, not `try_send`: tokio only learns that a new socket is writable from its
+        // first readiness event, so a `try_send` right after creating the flow would drop the
+        // flow's first datagram. A connected UDP send waits for buffer space at most.
+        match flow.sock.send(payload).await {
             Ok(_) => BackendStats::add(&flow.backend.stats.bytes_in, n as u64),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                BackendStats::add(&vip.stats.udp_dropped, 1);
-            }
             Err(e) => {
                 BackendStats::add(&flow.backend.stats.errors, 1);
                 if e.kind() == io::ErrorKind::ConnectionRefused {
