@@ -395,6 +395,8 @@ struct Entry {
     maglev_size: usize,
     /// The accept / receive loop; None while the address is not local.
     task: Option<AbortHandle>,
+    /// Why the last bind failed (logged once per distinct reason).
+    bind_error: Option<String>,
 }
 
 impl Entry {
@@ -434,12 +436,19 @@ fn start_listener(shared: &Shared, e: &mut Entry) {
         Ok(h) => {
             tracing::info!(vip = %vip.name, addr = %vip.addr, proto = %vip.proto, "serving VIP");
             e.task = Some(h);
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::AddrNotAvailable => {
-            tracing::info!(vip = %vip.name, addr = %vip.addr, "VIP address is not local to this host; skipped");
+            e.bind_error = None;
         }
         Err(err) => {
-            tracing::warn!(vip = %vip.name, addr = %vip.addr, error = %err, "cannot bind the VIP address; skipped");
+            let why = err.to_string();
+            if e.bind_error.as_deref() == Some(why.as_str()) {
+                return;
+            }
+            if err.kind() == std::io::ErrorKind::AddrNotAvailable {
+                tracing::info!(vip = %vip.name, addr = %vip.addr, "VIP address is not local to this host; skipped (retried every report interval)");
+            } else {
+                tracing::warn!(vip = %vip.name, addr = %vip.addr, error = %err, "cannot bind the VIP address; skipped (retried every report interval)");
+            }
+            e.bind_error = Some(why);
         }
     }
 }
@@ -474,6 +483,7 @@ fn reconcile(shared: &Shared, items: &[api::Vip]) {
                     key: cfg.listen_key(),
                     maglev_size,
                     task: None,
+                    bind_error: None,
                 },
             );
         }

@@ -64,7 +64,9 @@ pub async fn serve(vip: Arc<Vip>, sock: UdpSocket, idle: Duration) {
         let now = epoch.elapsed().as_millis() as u64;
         let existing = flows.lock().unwrap().get(&peer).cloned();
         let flow = match existing {
-            Some(f) if f.backend.usable() => f,
+            // A drained or removed backend keeps its flows until its drain runs out (the
+            // flow task ends them); a backend that went down loses them at once.
+            Some(f) if f.backend.is_up() => f,
             stale => {
                 if let Some(f) = stale {
                     end_flow(&flows, peer, &f);

@@ -363,9 +363,17 @@ fn bad_input_never_stops_the_daemon() {
     lb.add_backend("t", &a.addr, 1);
     lb.create_vip("u", &udp, "udp", json!({}));
     lb.add_backend("u", &echo.addr, 1);
+    // An address that is not on this host (TEST-NET-1): logged and skipped, nothing else
+    // suffers.
+    lb.create_vip("far", "192.0.2.10:80", "tcp", json!({}));
+    lb.add_backend("far", &a.addr, 1);
     lb.wait_backends("t", &[&a.addr], &[]);
     lb.wait_backends("u", &[&echo.addr], &[]);
+    lb.wait_backends("far", &[&a.addr], &[]);
     wait_serving(&lb, &tcp);
+    assert!(lb
+        .metrics()
+        .contains("lbvip_vip_listening{vip=\"far\",proto=\"tcp\"} 0"));
 
     // TCP garbage: random bytes, half-closed, connect-and-drop, PROXY-looking junk.
     let junk = fabric_tests::random_bytes(7, 64 * 1024);
