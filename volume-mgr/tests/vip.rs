@@ -327,6 +327,35 @@ fn vip_refusals() {
     let (s, b) = on_blue("b", "10.5.0.20:80");
     assert_eq!((s, &b["network"]), (201, &json!("blue")), "{b}");
     assert_eq!(a.names(), ["b", "dns", "v6", "web"]);
+    // The other way round: a port cannot take the VIP's address, allocation skips it, and the
+    // network cannot go while the VIP is on it.
+    expect(
+        a.post(
+            "/v1/ports",
+            json!({"name": "vm2", "network": "blue", "node": "h1", "kind": "tap", "ip": "10.5.0.20"}),
+        ),
+        409,
+        "in_use",
+        "ip 10.5.0.20 is the address of vip b in network blue",
+    );
+    for i in 0..20 {
+        let (s, p) = a.post(
+            "/v1/ports",
+            json!({"name": format!("auto{i}"), "network": "blue", "node": "h1", "kind": "tap"}),
+        );
+        assert_eq!(s, 201, "{p}");
+        assert_ne!(p["ip"], json!("10.5.0.20"), "allocated the VIP's address: {p}");
+    }
+    for i in 0..20 {
+        assert_eq!(a.delete(&format!("/v1/ports/auto{i}")).0, 204);
+    }
+    assert_eq!(a.delete("/v1/ports/vm1").0, 204);
+    expect(
+        a.delete("/v1/networks/blue"),
+        409,
+        "in_use",
+        "network blue has 1 vip: b; delete them first",
+    );
 
     // The resource in the path: 404.
     expect(

@@ -146,7 +146,27 @@ pub(super) async fn get_network(
     Ok(Json(decode(&b)?))
 }
 
-/// Refused (409 `in_use`, naming them) while the network has ports.
+/// The VIPs on network `name`, with their IPv4 addresses (a VIP's address is never a port's).
+fn vips_on(app: &App, name: &str) -> ApiResult<Vec<(String, Option<Ipv4Addr>)>> {
+    let mut out = Vec::new();
+    for (_, b) in app.store.list(Kind::Vip)?.1 {
+        let v: api::Vip = decode(&b)?;
+        if v.network.as_deref() == Some(name) {
+            let ip = v
+                .addr
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .and_then(|a| match a.ip() {
+                    std::net::IpAddr::V4(ip) => Some(ip),
+                    std::net::IpAddr::V6(_) => None,
+                });
+            out.push((v.name, ip));
+        }
+    }
+    Ok(out)
+}
+
+/// Refused (409 `in_use`, naming them) while the network has ports or VIPs.
 pub(super) async fn delete_network(
     State(app): State<AppState>,
     Name(name): Name,
@@ -168,6 +188,15 @@ pub(super) async fn delete_network(
             ports.len(),
             if ports.len() == 1 { "port" } else { "ports" },
             name_list(&ports, 10)
+        )));
+    }
+    let vips: Vec<String> = vips_on(&app, &name)?.into_iter().map(|(v, _)| v).collect();
+    if !vips.is_empty() {
+        return Err(in_use(format!(
+            "network {name} has {} {}: {}; delete them first",
+            vips.len(),
+            if vips.len() == 1 { "vip" } else { "vips" },
+            name_list(&vips, 10)
         )));
     }
     let count = key::port_count(&name);
@@ -289,8 +318,15 @@ pub(super) async fn create_port(
                 .ok_or_else(|| internal("no free MAC address after 65536 probes".into()))?
         }
     };
+    let vip_ips = vips_on(&app, &req.network)?;
     let ip = match chk.ip {
         Some(ip) => {
+            if let Some((v, _)) = vip_ips.iter().find(|(_, a)| *a == Some(ip)) {
+                return Err(in_use(format!(
+                    "ip {ip} is the address of vip {v} in network {}",
+                    req.network
+                )));
+            }
             if let Some(o) = peers.iter().find(|p| p.ip.parse() == Ok(ip)) {
                 return Err(in_use(format!(
                     "ip {ip} is already used by port {} in network {}",
@@ -300,7 +336,11 @@ pub(super) async fn create_port(
             ip
         }
         None => {
-            let taken: HashSet<Ipv4Addr> = peers.iter().filter_map(|p| p.ip.parse().ok()).collect();
+            let taken: HashSet<Ipv4Addr> = peers
+                .iter()
+                .filter_map(|p| p.ip.parse().ok())
+                .chain(vip_ips.iter().filter_map(|(_, a)| *a))
+                .collect();
             let gateway: Option<Ipv4Addr> = network.gateway.as_deref().and_then(|g| g.parse().ok());
             net::allocate_ip(subnet, gateway, &taken).ok_or_else(|| {
                 Error(
