@@ -38,7 +38,10 @@ pub fn now_ms() -> u64 {
 
 /// The tokio instant at wall-clock time `at_ms` (now if it has passed).
 fn instant_at(at_ms: u64) -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms()))
+    let now = tokio::time::Instant::now();
+    let wait = Duration::from_millis(at_ms.saturating_sub(now_ms()));
+    // Any time a client could send (u64 milliseconds) fits after a cap of ten years.
+    now + wait.min(Duration::from_secs(10 * 365 * 86_400))
 }
 
 /// One backend of a running VIP. Connections hold it (`Arc`) while they last, also after the
@@ -159,7 +162,7 @@ impl Vip {
                     ..cfg.clone()
                 },
                 sched,
-                persist: Persist::new(cfg.persist_secs * 1000),
+                persist: Persist::new(cfg.persist_secs.saturating_mul(1000)),
                 backends: Vec::new(),
             }),
         }
@@ -725,6 +728,46 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn api_vips_convert_and_extreme_drain_times_do_not_overflow() {
+        let v: api::Vip = serde_json::from_value(serde_json::json!({
+            "name": "w", "addr": "127.0.0.1:8080", "proto": "tcp", "algo": "source_hash",
+            "persist_secs": 5, "drain_secs": 86400, "proxy_protocol": true,
+            "maglev_table_size": 65537, "created_ms": 1,
+            "check": {"kind": "http", "http_path": "/h", "http_status": 204,
+                      "interval_ms": 500, "timeout_ms": 100, "rise": 1, "fall": 2},
+            "backends": [
+                {"addr": "127.0.0.1:9000", "weight": 3, "state": "active"},
+                {"addr": "[::1]:9000", "weight": 1, "max_conns": 7, "state": "draining",
+                 "drain_started_ms": u64::MAX},
+            ],
+        }))
+        .unwrap();
+        let c = vip_config(&v).unwrap();
+        assert_eq!(c.algo, Algo::SourceHash);
+        assert_eq!(
+            c.check.kind,
+            CheckKind::Http {
+                path: "/h".into(),
+                status: 204
+            }
+        );
+        assert_eq!(c.backends[1].max_conns, Some(7));
+        assert_eq!(
+            c.backends[1].state,
+            BackendState::Draining {
+                started_ms: u64::MAX
+            }
+        );
+        let vip = vip(&c);
+        assert!(!vip.backends()[1].usable());
+        assert!(vip.backends()[0].usable());
+        let _ = instant_at(u64::MAX);
+        let mut bad = v.clone();
+        bad.backends[0].addr = "nowhere".into();
+        assert!(vip_config(&bad).unwrap_err().contains("nowhere"));
     }
 
     #[tokio::test]
