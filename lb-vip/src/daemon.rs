@@ -771,6 +771,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn max_conns_and_release() {
+        let (a, b) = (closed_port(), closed_port());
+        let mut c = cfg("127.0.0.1:1".parse().unwrap(), Proto::Tcp, &[a, b]);
+        for be in &mut c.backends {
+            be.max_conns = Some(1);
+        }
+        let v = vip(&c);
+        let client: SocketAddr = "127.0.0.9:5000".parse().unwrap();
+        let x = v.choose(client).unwrap();
+        let y = v.choose(client).unwrap();
+        assert_ne!(x.addr, y.addr);
+        assert!(v.choose(client).is_none(), "a backend went over max_conns");
+        v.release(&x);
+        let z = v.choose(client).unwrap();
+        assert_eq!(z.addr, x.addr);
+        assert_eq!(BackendStats::get(&x.stats.active), 1);
+        assert_eq!(BackendStats::get(&x.stats.total), 2);
+        // A released connection of a removed backend does not touch the new set's counts.
+        c.backends.remove(0);
+        v.apply(c).unwrap();
+        v.release(&z);
+        assert_eq!(BackendStats::get(&z.stats.active), 0);
+        assert!(v.choose(client).is_none(), "b is at its limit");
+        v.release(&y);
+        assert_eq!(v.choose(client).unwrap().addr, b);
+    }
+
+    #[tokio::test]
     async fn apply_keeps_backends_by_address() {
         let (a, b, c) = (closed_port(), closed_port(), closed_port());
         let mut conf = cfg("127.0.0.1:1".parse().unwrap(), Proto::Tcp, &[a, b]);
