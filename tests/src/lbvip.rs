@@ -406,15 +406,21 @@ impl Load {
     }
 
     /// Stops the clients; every request's (time since start, result).
-    pub fn finish(self) -> Vec<Outcome> {
+    pub fn finish(mut self) -> Vec<Outcome> {
         self.stop.store(true, Ordering::SeqCst);
-        let mut all: Vec<_> = self
-            .threads
+        let mut all: Vec<_> = std::mem::take(&mut self.threads)
             .into_iter()
             .flat_map(|t| t.join().unwrap())
             .collect();
         all.sort_by_key(|(t, _)| *t);
         all
+    }
+}
+
+impl Drop for Load {
+    /// A test that fails midway stops its clients too.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
