@@ -344,7 +344,11 @@ fn vip_refusals() {
             json!({"name": format!("auto{i}"), "network": "blue", "node": "h1", "kind": "tap"}),
         );
         assert_eq!(s, 201, "{p}");
-        assert_ne!(p["ip"], json!("10.5.0.20"), "allocated the VIP's address: {p}");
+        assert_ne!(
+            p["ip"],
+            json!("10.5.0.20"),
+            "allocated the VIP's address: {p}"
+        );
     }
     for i in 0..20 {
         assert_eq!(a.delete(&format!("/v1/ports/auto{i}")).0, 204);
