@@ -226,6 +226,20 @@ fn holders(v: &api::Vip) -> String {
     }
 }
 
+/// The holder lease by the manager's record: `h1 (epoch 3, 1.2s left)`, or who held it last.
+fn lease_line(l: Option<&api::VipLease>, now_ms: u64) -> String {
+    match l {
+        None => "- (never held)".into(),
+        Some(l) if l.is_held(now_ms) => format!(
+            "{} (epoch {}, {:.1}s left)",
+            l.holder,
+            l.epoch,
+            (l.expires_ms - now_ms) as f64 / 1000.0
+        ),
+        Some(l) => format!("- (last {}, epoch {}, ended)", l.holder, l.epoch),
+    }
+}
+
 /// NAME ADDR PROTO ALGO BACKENDS HOLDER.
 fn vip_rows(vs: &[api::Vip]) -> Vec<Vec<String>> {
     vs.iter()
@@ -278,6 +292,10 @@ fn vip_details(v: &api::Vip) -> Vec<(&'static str, String)> {
         ),
         ("maglev table", v.maglev_table_size.to_string()),
         ("holder", holders(v)),
+        (
+            "lease",
+            lease_line(v.lease.as_ref(), volume_mgr::server::now_ms()),
+        ),
         (
             "reports",
             if v.reports.is_empty() {
@@ -647,6 +665,15 @@ mod tests {
         assert_eq!(get("persist"), "off");
         assert_eq!(get("network"), "- (host)");
         assert_eq!(get("holder"), "-");
+        assert_eq!(get("lease"), "- (never held)");
+        let l = api::VipLease {
+            vip: "web".into(),
+            holder: "h1".into(),
+            epoch: 3,
+            expires_ms: 10_000,
+        };
+        assert_eq!(lease_line(Some(&l), 8_800), "h1 (epoch 3, 1.2s left)");
+        assert_eq!(lease_line(Some(&l), 10_000), "- (last h1, epoch 3, ended)");
         // Draining: time left, then done.
         volume_mgr::vip::drain(&mut v, 0, 1_000_000);
         assert_eq!(backend_rows(&v, 1_000_500)[0][2], "draining (30s left)");

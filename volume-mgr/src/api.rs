@@ -706,6 +706,12 @@ pub struct Vip {
     /// the manager's `--down-after` are left out). Ignored in requests.
     #[serde(default)]
     pub reports: std::collections::BTreeMap<String, VipReport>,
+    /// The holder lease (`POST /v1/vips/{name}/lease`), stored apart from the VIP and added to
+    /// answers; absent when no instance ever held it. An expired lease (`expires_ms` past by
+    /// the manager's clock) or a released one is shown until someone takes it: it has no
+    /// holder any more. Ignored in requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<VipLease>,
 }
 
 /// Counters and health of one backend as one lb-vip instance sees it.
@@ -738,4 +744,43 @@ pub struct VipReport {
     pub holder: bool,
     #[serde(default)]
     pub backends: Vec<BackendStats>,
+}
+
+/// Shortest VIP holder lease (ms).
+pub const VIP_LEASE_TTL_MIN_MS: u64 = 500;
+/// Longest VIP holder lease (ms).
+pub const VIP_LEASE_TTL_MAX_MS: u64 = 60_000;
+
+/// `POST /v1/vips/{name}/lease`: the lb-vip instance on `node` asks to hold the VIP's address
+/// for `ttl_ms` (500..=60000) from when the manager handles the request. Granted (200
+/// `VipLease`) when nobody holds it, the holder's lease expired, or `node` is the holder
+/// (a renewal: same epoch, new expiry); otherwise 409 `held` naming the holder and when its
+/// lease expires.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VipLeaseRequest {
+    pub node: String,
+    pub ttl_ms: u64,
+}
+
+/// Who may serve a VIP's address. `epoch` grows by one with every new tenure (another node,
+/// or the same node again after its lease expired or was released) and stays on renewals.
+/// Expiry is judged by the manager's clock; a holder stops serving earlier by its own clock.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VipLease {
+    pub vip: String,
+    /// The node that holds (or last held) the lease.
+    pub holder: String,
+    pub epoch: u64,
+    /// When the lease ends, ms since the epoch by the manager's clock (a release sets it to
+    /// the release time).
+    pub expires_ms: u64,
+}
+
+impl VipLease {
+    /// Whether `holder` still holds it at `now_ms` (the manager's clock).
+    pub fn is_held(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_ms
+    }
 }

@@ -466,6 +466,39 @@ impl Client {
         .await
         .map(|_| ())
     }
+
+    /// Asks for (or renews) the holder lease of VIP `vip` for `req.node`: the lease, or
+    /// `Api { status: 409, code: "held", .. }` naming the holder. The request gives up after
+    /// half the ttl (at least 200 ms, at most 10 s), so a caller renewing every third of the
+    /// ttl learns of an unreachable manager before its lease runs out.
+    pub async fn acquire_vip_lease(
+        &self,
+        vip: &str,
+        req: &api::VipLeaseRequest,
+    ) -> Result<api::VipLease, ClientError> {
+        let timeout = Duration::from_millis((req.ttl_ms / 2).clamp(200, 10_000));
+        self.call(
+            Method::POST,
+            &format!("/v1/vips/{}/lease", seg(vip)),
+            Some(req),
+            timeout,
+        )
+        .await?
+        .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    /// Gives up `node`'s lease of VIP `vip` (nothing happens when nobody holds it; 409 `held`
+    /// when another node does).
+    pub async fn release_vip_lease(&self, vip: &str, node: &str) -> Result<(), ClientError> {
+        self.call::<(), serde_json::Value>(
+            Method::DELETE,
+            &format!("/v1/vips/{}/lease?node={}", seg(vip), seg(node)),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .map(|_| ())
+    }
 }
 
 /// Percent-encodes one path segment, so that any name reaches the server as typed (and gets

@@ -885,6 +885,10 @@ pub fn router(app: Arc<App>) -> Router {
             axum::routing::post(vip::drain_backend),
         )
         .route("/v1/vips/{name}/status/{node}", put(vip::report))
+        .route(
+            "/v1/vips/{name}/lease",
+            axum::routing::post(vip::acquire_lease).delete(vip::release_lease),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })

@@ -29,6 +29,8 @@ pub enum Kind {
     /// Uniqueness index of VIPs: `addr/PROTO/IP:PORT` holds the owner's name, committed with
     /// the VIP under a `Cond`, so no two VIPs ever share an address and protocol.
     VipIndex,
+    /// Holder leases of VIPs (`api::VipLease`), by VIP name.
+    VipLease,
 }
 
 impl Kind {
@@ -45,6 +47,7 @@ impl Kind {
             Kind::NetIndex => "netindex/",
             Kind::Vip => "vip/",
             Kind::VipIndex => "vipindex/",
+            Kind::VipLease => "viplease/",
         }
     }
 }
@@ -214,6 +217,7 @@ pub fn conformance(s: &dyn Store) {
         Kind::NetIndex,
         Kind::Vip,
         Kind::VipIndex,
+        Kind::VipLease,
     ] {
         assert!(s.list(kind).unwrap().1.is_empty(), "fresh store: {kind:?}");
     }

@@ -78,6 +78,8 @@ pub enum VipError {
     /// Outside the network's subnet, or one of its reserved addresses.
     #[error(transparent)]
     Subnet(#[from] NetError),
+    #[error("ttl_ms {0} is out of range: must be {min} to {max}", min = api::VIP_LEASE_TTL_MIN_MS, max = api::VIP_LEASE_TTL_MAX_MS)]
+    LeaseTtl(u64),
     #[error("vip {vip} has {have} backends: at most {max} (maglev_table_size {table} must exceed the backend count, and a vip has at most {MAX_BACKENDS})")]
     TooManyBackends {
         vip: String,
@@ -264,6 +266,7 @@ pub fn check_vip(req: &api::CreateVip, created_ms: u64) -> Result<api::Vip, VipE
         backends: Vec::new(),
         created_ms,
         reports: BTreeMap::new(),
+        lease: None,
     })
 }
 
@@ -361,6 +364,86 @@ pub fn fresh_reports(
         .filter(|(_, (t, _))| now_ms.saturating_sub(*t) < max_age_ms)
         .map(|(n, (_, r))| (n.clone(), r.clone()))
         .collect()
+}
+
+/// A lease's `ttl_ms`: `VIP_LEASE_TTL_MIN_MS..=VIP_LEASE_TTL_MAX_MS`.
+pub fn check_lease_ttl(ttl_ms: u64) -> Result<u64, VipError> {
+    if !(api::VIP_LEASE_TTL_MIN_MS..=api::VIP_LEASE_TTL_MAX_MS).contains(&ttl_ms) {
+        return Err(VipError::LeaseTtl(ttl_ms));
+    }
+    Ok(ttl_ms)
+}
+
+/// A granted lease request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    pub lease: api::VipLease,
+    /// A new tenure (first holder, another node, or the same node after expiry or release),
+    /// as opposed to a renewal.
+    pub new_holder: bool,
+}
+
+/// Node `node` asks for the lease of `vip` (currently `cur`) for `ttl_ms` at `now_ms`:
+/// granted when nobody holds it (no lease, or it expired or was released) with the next
+/// epoch, renewed with the same epoch when `node` holds it, else `Err` with the holder's
+/// lease.
+pub fn acquire_lease(
+    vip: &str,
+    cur: Option<&api::VipLease>,
+    node: &str,
+    ttl_ms: u64,
+    now_ms: u64,
+) -> Result<Granted, api::VipLease> {
+    let expires_ms = now_ms.saturating_add(ttl_ms);
+    match cur {
+        Some(l) if l.is_held(now_ms) && l.holder == node => Ok(Granted {
+            lease: api::VipLease {
+                expires_ms: expires_ms.max(l.expires_ms),
+                ..l.clone()
+            },
+            new_holder: false,
+        }),
+        Some(l) if l.is_held(now_ms) => Err(l.clone()),
+        _ => Ok(Granted {
+            lease: api::VipLease {
+                vip: vip.to_string(),
+                holder: node.to_string(),
+                epoch: cur.map_or(0, |l| l.epoch).saturating_add(1),
+                expires_ms,
+            },
+            new_holder: true,
+        }),
+    }
+}
+
+/// Node `node` gives the lease up at `now_ms`: `Ok(Some(lease))` to store (the holder's lease,
+/// ended now, epoch kept so the next holder's is higher), `Ok(None)` when nobody holds it
+/// (nothing to do), `Err` with the lease when another node holds it.
+pub fn release_lease(
+    cur: Option<&api::VipLease>,
+    node: &str,
+    now_ms: u64,
+) -> Result<Option<api::VipLease>, api::VipLease> {
+    match cur {
+        Some(l) if l.is_held(now_ms) && l.holder == node => Ok(Some(api::VipLease {
+            expires_ms: now_ms,
+            ..l.clone()
+        })),
+        Some(l) if l.is_held(now_ms) => Err(l.clone()),
+        _ => Ok(None),
+    }
+}
+
+/// The 409 `held` line.
+pub fn held_message(l: &api::VipLease, now_ms: u64) -> String {
+    format!(
+        "vip {} is held by {} (epoch {}) until {} ms since the epoch, {} ms from now",
+        l.vip,
+        l.holder,
+        l.epoch,
+        l.expires_ms,
+        l.expires_ms.saturating_sub(now_ms)
+    )
 }
 
 #[cfg(test)]
@@ -769,5 +852,63 @@ mod tests {
         let f = fresh_reports(&all, 15_000, 5000);
         assert_eq!(f.keys().collect::<Vec<_>>(), ["b", "c"]);
         assert_eq!(fresh_reports(&all, 14_999, 5000).len(), 3);
+    }
+
+    #[test]
+    fn lease_ttl_bounds() {
+        assert_eq!(check_lease_ttl(500), Ok(500));
+        assert_eq!(check_lease_ttl(60_000), Ok(60_000));
+        assert_eq!(check_lease_ttl(499), Err(VipError::LeaseTtl(499)));
+        assert_eq!(check_lease_ttl(60_001), Err(VipError::LeaseTtl(60_001)));
+        assert_eq!(
+            VipError::LeaseTtl(0).to_string(),
+            "ttl_ms 0 is out of range: must be 500 to 60000"
+        );
+    }
+
+    #[test]
+    fn lease_acquire_renew_takeover_release() {
+        // First holder: epoch 1.
+        let g = acquire_lease("web", None, "a", 1500, 1000).unwrap();
+        assert!(g.new_holder);
+        let l = g.lease;
+        assert_eq!((l.holder.as_str(), l.epoch, l.expires_ms), ("a", 1, 2500));
+        // Another node while it is held: refused with the holder's lease.
+        assert_eq!(
+            acquire_lease("web", Some(&l), "b", 1500, 2499),
+            Err(l.clone())
+        );
+        // The holder renews: same epoch, later expiry (never earlier).
+        let r = acquire_lease("web", Some(&l), "a", 1500, 2000).unwrap();
+        assert!(!r.new_holder);
+        assert_eq!((r.lease.epoch, r.lease.expires_ms), (1, 3500));
+        let short = acquire_lease("web", Some(&r.lease), "a", 500, 2100).unwrap();
+        assert_eq!(short.lease.expires_ms, 3500);
+        // Expired (now == expires): anyone takes it over with the next epoch.
+        let t = acquire_lease("web", Some(&r.lease), "b", 1500, 3500).unwrap();
+        assert!(t.new_holder);
+        assert_eq!((t.lease.holder.as_str(), t.lease.epoch), ("b", 2));
+        // The old holder coming back late starts a new tenure too.
+        let late = acquire_lease("web", Some(&t.lease), "b", 1500, 6000).unwrap();
+        assert!(late.new_holder);
+        assert_eq!(late.lease.epoch, 3);
+        // Release: only the holder; it keeps the epoch and ends now.
+        assert_eq!(
+            release_lease(Some(&late.lease), "a", 6100),
+            Err(late.lease.clone())
+        );
+        let rel = release_lease(Some(&late.lease), "b", 6100)
+            .unwrap()
+            .unwrap();
+        assert_eq!((rel.epoch, rel.expires_ms), (3, 6100));
+        assert!(!rel.is_held(6100));
+        assert_eq!(release_lease(Some(&rel), "b", 6200), Ok(None));
+        assert_eq!(release_lease(None, "b", 6200), Ok(None));
+        let next = acquire_lease("web", Some(&rel), "a", 1500, 6200).unwrap();
+        assert_eq!(next.lease.epoch, 4);
+        assert_eq!(
+            held_message(&next.lease, 6700),
+            "vip web is held by a (epoch 4) until 7700 ms since the epoch, 1000 ms from now"
+        );
     }
 }

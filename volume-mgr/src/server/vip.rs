@@ -70,8 +70,20 @@ impl<S: Send + Sync> FromRequestParts<S> for Name2 {
     }
 }
 
-/// The VIP with its fresh reports.
+/// The VIP with its fresh reports and its lease.
 fn with_reports(app: &App, mut v: api::Vip) -> api::Vip {
+    v.lease = match app.store.get(Kind::VipLease, &v.name) {
+        Ok(b) => b.and_then(|b| decode(&b).ok()),
+        Err(e) => {
+            tracing::warn!(vip = %v.name, error = %e, "cannot read the vip's lease");
+            None
+        }
+    };
+    with_fresh_reports(app, v)
+}
+
+/// The VIP with its fresh reports (the lease as it is).
+fn with_fresh_reports(app: &App, mut v: api::Vip) -> api::Vip {
     let max_age = app.cfg.down_after.as_millis() as u64;
     v.reports = app
         .vips
@@ -102,6 +114,7 @@ fn load(app: &App, name: &str) -> ApiResult<(Vec<u8>, api::Vip)> {
 fn store_vip(app: &App, cur: Vec<u8>, v: &api::Vip) -> ApiResult<()> {
     let mut stored = v.clone();
     stored.reports.clear();
+    stored.lease = None;
     let rev = app.store.commit(
         &[Cond::Equals(Kind::Vip, v.name.clone(), Some(cur))],
         &[Op::Put(Kind::Vip, v.name.clone(), encode(&stored))],
@@ -186,10 +199,19 @@ pub(super) async fn create_vip(
 }
 
 fn vips(app: &App) -> ApiResult<(u64, Vec<api::Vip>)> {
+    let mut leases: HashMap<String, api::VipLease> = HashMap::new();
+    for (name, b) in app.store.list(Kind::VipLease)?.1 {
+        leases.insert(name, decode(&b)?);
+    }
     let (revision, items) = app.store.list(Kind::Vip)?;
     let items = items
         .iter()
-        .map(|(_, b)| decode(b).map(|v| with_reports(app, v)))
+        .map(|(_, b)| {
+            decode(b).map(|mut v: api::Vip| {
+                v.lease = leases.remove(&v.name);
+                with_fresh_reports(app, v)
+            })
+        })
         .collect::<ApiResult<Vec<_>>>()?;
     Ok((revision, items))
 }
@@ -229,7 +251,10 @@ pub(super) async fn delete_vip(
 ) -> ApiResult<StatusCode> {
     let _g = app.mutate.lock().await;
     let (cur, v) = load(&app, &name)?;
-    let mut ops = vec![Op::Delete(Kind::Vip, name.clone())];
+    let mut ops = vec![
+        Op::Delete(Kind::Vip, name.clone()),
+        Op::Delete(Kind::VipLease, name.clone()),
+    ];
     let key = addr_key(v.proto, &v.addr);
     if app.store.get(Kind::VipIndex, &key)?.as_deref() == Some(name.as_bytes()) {
         ops.push(Op::Delete(Kind::VipIndex, key));
@@ -340,6 +365,79 @@ pub(super) async fn report(
     let of_vip = reports.entry(name).or_default();
     of_vip.retain(|_, (t, _)| now.saturating_sub(*t) < max_age);
     of_vip.insert(node, (now, r));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/vips/{name}/lease` `{node, ttl_ms}`: 200 with the lease when nobody holds it, the
+/// holder's lease expired (by this manager's clock) or `node` is the holder (a renewal keeps
+/// the epoch, a new tenure bumps it); 409 `held` naming the holder and its expiry; 404 for an
+/// unknown VIP; 400 for a bad node name or a ttl outside 500..=60000 ms. Stored durably under
+/// compare-and-swap on the lease and the VIP record. Only a new tenure wakes VIP watches
+/// (renewals do not).
+pub(super) async fn acquire_lease(
+    State(app): State<AppState>,
+    Name(name): Name,
+    Body(req): Body<api::VipLeaseRequest>,
+) -> ApiResult<Json<api::VipLease>> {
+    validate_node_name(&req.node)?;
+    rules::check_lease_ttl(req.ttl_ms).map_err(vip_bad)?;
+    let _g = app.mutate.lock().await;
+    let vip_cur = app
+        .store
+        .get(Kind::Vip, &name)?
+        .ok_or_else(|| vip_not_found(&name))?;
+    let cur = app.store.get(Kind::VipLease, &name)?;
+    let old: Option<api::VipLease> = cur.as_deref().map(decode).transpose()?;
+    let now = now_ms();
+    let g = rules::acquire_lease(&name, old.as_ref(), &req.node, req.ttl_ms, now)
+        .map_err(|l| conflict("held", rules::held_message(&l, now)))?;
+    let rev = app.store.commit(
+        &[
+            Cond::Equals(Kind::Vip, name.clone(), Some(vip_cur)),
+            Cond::Equals(Kind::VipLease, name.clone(), cur),
+        ],
+        &[Op::Put(Kind::VipLease, name.clone(), encode(&g.lease))],
+    )?;
+    if g.new_holder {
+        app.vips.rev.send_replace(rev);
+        tracing::info!(vip = %name, holder = %g.lease.holder, epoch = g.lease.epoch, previous = ?old.map(|l| l.holder), "vip lease granted");
+    }
+    Ok(Json(g.lease))
+}
+
+/// `?node=N` of a lease release.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NodeQuery {
+    node: String,
+}
+
+/// `DELETE /v1/vips/{name}/lease?node=N`: 204 when `node` held the lease (it ends now, the
+/// epoch stays) or nobody holds it; 409 `held` when another node does; 404 for an unknown VIP.
+pub(super) async fn release_lease(
+    State(app): State<AppState>,
+    Name(name): Name,
+    q: Result<Query<NodeQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(q) = q.map_err(|e| bad(e.body_text()))?;
+    validate_node_name(&q.node)?;
+    let _g = app.mutate.lock().await;
+    if app.store.get(Kind::Vip, &name)?.is_none() {
+        return Err(vip_not_found(&name));
+    }
+    let cur = app.store.get(Kind::VipLease, &name)?;
+    let old: Option<api::VipLease> = cur.as_deref().map(decode).transpose()?;
+    let now = now_ms();
+    let released = rules::release_lease(old.as_ref(), &q.node, now)
+        .map_err(|l| conflict("held", rules::held_message(&l, now)))?;
+    if let Some(l) = released {
+        let rev = app.store.commit(
+            &[Cond::Equals(Kind::VipLease, name.clone(), cur)],
+            &[Op::Put(Kind::VipLease, name.clone(), encode(&l))],
+        )?;
+        app.vips.rev.send_replace(rev);
+        tracing::info!(vip = %name, holder = %l.holder, epoch = l.epoch, "vip lease released");
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
