@@ -20,6 +20,7 @@ pub struct FileConfig {
     pub report_interval: Option<String>,
     pub connect_timeout: Option<String>,
     pub udp_idle_timeout: Option<String>,
+    pub vip_interface: Option<String>,
 }
 
 /// The validated configuration lb-vip runs with.
@@ -36,6 +37,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// A UDP flow without traffic this long is forgotten.
     pub udp_idle_timeout: Duration,
+    /// High availability: serve a VIP only while holding its lease from the manager, adding
+    /// its address to this interface (see [`crate::ha`]). None: serve every VIP whose address
+    /// is local.
+    pub vip_interface: Option<String>,
 }
 
 fn duration(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, String> {
@@ -67,6 +72,7 @@ impl FileConfig {
             report_interval: flags.report_interval.or(self.report_interval),
             connect_timeout: flags.connect_timeout.or(self.connect_timeout),
             udp_idle_timeout: flags.udp_idle_timeout.or(self.udp_idle_timeout),
+            vip_interface: flags.vip_interface.or(self.vip_interface),
         }
     }
 
@@ -111,7 +117,15 @@ impl FileConfig {
                     .map_err(|_| format!("http-listen: {s:?} is not IP:PORT (or \"none\")"))?,
             ),
         };
+        if let Some(i) = &self.vip_interface {
+            if !valid_ifname(i) {
+                return Err(format!(
+                    "vip-interface: {i:?} is not an interface name (1 to 15 characters, no '/', ':' or spaces)"
+                ));
+            }
+        }
         Ok(Config {
+            vip_interface: self.vip_interface,
             manager,
             node,
             http_listen,
@@ -132,6 +146,15 @@ impl FileConfig {
             )?,
         })
     }
+}
+
+/// A Linux interface name: 1 to 15 bytes, none of `/`, `:`, whitespace, not `.` or `..`.
+pub fn valid_ifname(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
 /// Administrative state of a backend.
@@ -228,6 +251,16 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(e.starts_with("connect-timeout:"), "{e}");
+        for bad in ["", "a/b", "eth0:1", "sixteen-chars-xx", "a b", ".."] {
+            let e = FileConfig {
+                vip_interface: Some(bad.into()),
+                ..base()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(e.starts_with("vip-interface:"), "{bad:?}: {e}");
+        }
+        assert_eq!(base().resolve().unwrap().vip_interface, None);
     }
 
     #[test]
@@ -246,5 +279,18 @@ mod tests {
         assert_eq!(c.http_listen, None);
         assert_eq!(c.report_interval, Duration::from_millis(250));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        let file: FileConfig = toml::from_str("node = \"a\"\nvip-interface = \"eth0\"\n").unwrap();
+        assert_eq!(
+            file.clone().resolve().unwrap().vip_interface.as_deref(),
+            Some("eth0")
+        );
+        let c = file
+            .overlay(FileConfig {
+                vip_interface: Some("br0".into()),
+                ..FileConfig::default()
+            })
+            .resolve()
+            .unwrap();
+        assert_eq!(c.vip_interface.as_deref(), Some("br0"));
     }
 }

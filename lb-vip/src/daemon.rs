@@ -400,6 +400,17 @@ struct Entry {
     task: Option<AbortHandle>,
     /// Why the last bind failed (logged once per distinct reason).
     bind_error: Option<String>,
+    /// With `--vip-interface`: this instance holds the VIP's lease (only then is it bound).
+    held: bool,
+    /// With `--vip-interface`: the VIP's lease loop.
+    ha: Option<HaTask>,
+}
+
+/// The lease loop of one VIP ([`crate::ha::lease_loop`]).
+struct HaTask {
+    /// Stops it; the value says whether to release the lease (clean shutdown).
+    stop: watch::Sender<bool>,
+    join: tokio::task::JoinHandle<()>,
 }
 
 impl Entry {
@@ -412,6 +423,7 @@ impl Entry {
 struct Shared {
     node: String,
     cfg: Config,
+    client: Client,
     vips: Mutex<BTreeMap<String, Entry>>,
     revision: std::sync::atomic::AtomicU64,
 }
@@ -419,7 +431,7 @@ struct Shared {
 /// Binds the VIP's socket and starts its loop; logs and leaves it unbound when the address
 /// is not on this host (or is taken).
 fn start_listener(shared: &Shared, e: &mut Entry) {
-    if e.task.is_some() {
+    if e.task.is_some() || (shared.cfg.vip_interface.is_some() && !e.held) {
         return;
     }
     let vip = e.vip.clone();
@@ -456,8 +468,43 @@ fn start_listener(shared: &Shared, e: &mut Entry) {
     }
 }
 
+/// Starts the lease loop of a new entry (with `--vip-interface`).
+fn start_ha(shared: &Arc<Shared>, e: &mut Entry) {
+    let Some(ifname) = shared.cfg.vip_interface.clone() else {
+        return;
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let weak = Arc::downgrade(shared);
+    let (name, vip) = (e.vip.name.clone(), e.vip.clone());
+    let serve = move |on: bool| {
+        let Some(shared) = weak.upgrade() else { return };
+        let mut vips = shared.vips.lock().unwrap();
+        let Some(e) = vips.get_mut(&name) else { return };
+        if !Arc::ptr_eq(&e.vip, &vip) {
+            return;
+        }
+        e.held = on;
+        if on {
+            start_listener(&shared, e);
+        } else if let Some(t) = e.task.take() {
+            t.abort();
+            tracing::info!(vip = %name, "VIP socket closed");
+        }
+    };
+    let ctx = crate::ha::LeaseCtx {
+        client: shared.client.clone(),
+        vip: e.vip.name.clone(),
+        node: shared.node.clone(),
+        ip: e.vip.addr.ip(),
+        ifname,
+        stats: e.vip.clone(),
+    };
+    let join = tokio::spawn(crate::ha::lease_loop(ctx, serve, stop_rx));
+    e.ha = Some(HaTask { stop, join });
+}
+
 /// Makes the running VIPs match `items`.
-fn reconcile(shared: &Shared, items: &[api::Vip]) {
+fn reconcile(shared: &Arc<Shared>, items: &[api::Vip]) {
     let mut vips = shared.vips.lock().unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for v in items {
@@ -487,8 +534,13 @@ fn reconcile(shared: &Shared, items: &[api::Vip]) {
                     maglev_size,
                     task: None,
                     bind_error: None,
+                    held: false,
+                    ha: None,
                 },
             );
+            if let Some(e) = vips.get_mut(&cfg.name) {
+                start_ha(shared, e);
+            }
         }
         let Some(e) = vips.get_mut(&cfg.name) else {
             continue;
@@ -515,18 +567,24 @@ fn stop_entry(e: Entry) {
     if let Some(t) = e.task {
         t.abort();
     }
+    // The lease loop closes what it opened (address) by itself; the lease is not released:
+    // a re-created VIP of this name may be taking it over on this node.
+    if let Some(h) = e.ha {
+        let _ = h.stop.send(false);
+    }
     e.vip.shutdown();
 }
 
 /// Runs lb-vip until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let client = Client::new(cfg.manager.clone());
     let shared = Arc::new(Shared {
         node: cfg.node.clone(),
         cfg: cfg.clone(),
+        client: client.clone(),
         vips: Mutex::new(BTreeMap::new()),
         revision: std::sync::atomic::AtomicU64::new(0),
     });
-    let client = Client::new(cfg.manager.clone());
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.http_listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -547,10 +605,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     let entries: Vec<Entry> = std::mem::take(&mut *shared.vips.lock().unwrap())
         .into_values()
         .collect();
+    let mut leases = Vec::new();
     for e in entries {
         if let Some(t) = e.task {
             t.abort();
         }
+        if let Some(h) = e.ha {
+            // Released, so another instance takes over at once instead of after the ttl.
+            let _ = h.stop.send(true);
+            leases.push(h.join);
+        }
+    }
+    let all = async {
+        for j in leases {
+            let _ = j.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!("VIP leases not all released within 5 s");
     }
     tracing::info!("lb-vip stopped");
     Ok(())

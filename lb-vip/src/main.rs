@@ -30,6 +30,11 @@ struct Args {
     /// A UDP flow without traffic this long is forgotten [default: 30s]
     #[arg(long)]
     udp_idle_timeout: Option<String>,
+    /// High availability: serve a VIP only while holding its lease from volume-mgr, adding
+    /// its address to this interface (and announcing it by gratuitous ARP); without it every
+    /// VIP whose address is local is served
+    #[arg(long)]
+    vip_interface: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +59,7 @@ fn main() -> std::process::ExitCode {
         report_interval: args.report_interval,
         connect_timeout: args.connect_timeout,
         udp_idle_timeout: args.udp_idle_timeout,
+        vip_interface: args.vip_interface,
     };
     let cfg = match file.overlay(flags).resolve() {
         Ok(c) => c,

@@ -63,6 +63,12 @@ pub struct VipStats {
     pub udp_dropped: AtomicU64,
     /// Connection attempts retried on another backend after a passive failure.
     pub retries: AtomicU64,
+    /// With `--vip-interface`: this instance holds the VIP's lease (and so its address).
+    pub holder: AtomicBool,
+    /// Leases acquired (a new tenure: address added, socket bound, gratuitous ARP sent).
+    pub lease_acquired: AtomicU64,
+    /// Leases lost (refused renewal, or not renewed in time: address removed, socket closed).
+    pub lease_lost: AtomicU64,
 }
 
 /// A labelled sample row for [`render`].
@@ -89,7 +95,7 @@ fn esc(s: &str) -> String {
 /// Prometheus text for the given VIPs and backends.
 pub fn render(out: &mut String, vips: &[VipRow<'_>], backends: &[BackendRow<'_>]) {
     type VipGet = fn(&VipStats) -> u64;
-    let vip_metrics: [(&str, &str, &str, VipGet); 5] = [
+    let vip_metrics: [(&str, &str, &str, VipGet); 8] = [
         (
             "lbvip_vip_accepted_total",
             "counter",
@@ -119,6 +125,24 @@ pub fn render(out: &mut String, vips: &[VipRow<'_>], backends: &[BackendRow<'_>]
             "counter",
             "Connections retried on another backend after a failed connect.",
             |s| BackendStats::get(&s.retries),
+        ),
+        (
+            "lbvip_vip_holder",
+            "gauge",
+            "1 while this instance holds the VIP's lease and address (--vip-interface).",
+            |s| u64::from(s.holder.load(Ordering::Relaxed)),
+        ),
+        (
+            "lbvip_vip_lease_acquired_total",
+            "counter",
+            "VIP leases acquired (address added and announced).",
+            |s| BackendStats::get(&s.lease_acquired),
+        ),
+        (
+            "lbvip_vip_lease_lost_total",
+            "counter",
+            "VIP leases lost (renewal refused or late: address removed, socket closed).",
+            |s| BackendStats::get(&s.lease_lost),
         ),
     ];
     let _ = writeln!(
@@ -249,5 +273,10 @@ mod tests {
         assert!(out.contains("lbvip_backend_active{vip=\"web\\\"1\",backend=\"10.0.0.1:80\"} 0\n"));
         assert!(out.contains("lbvip_backend_up{vip=\"web\\\"1\",backend=\"10.0.0.1:80\"} 1\n"));
         assert!(out.contains("lbvip_vip_listening{vip=\"web\\\"1\",proto=\"tcp\"} 1\n"));
+        assert!(
+            out.contains("lbvip_vip_holder{vip=\"web\\\"1\"} 0\n"),
+            "{out}"
+        );
+        assert!(out.contains("lbvip_vip_lease_lost_total{vip=\"web\\\"1\"} 0\n"));
     }
 }
