@@ -130,7 +130,7 @@ impl Fence {
     }
 }
 
-async fn ip_cmd(args: &[String], ok_if: &str) -> Result<(), HaError> {
+async fn ip_cmd(args: &[String], ok_if: &[&str]) -> Result<(), HaError> {
     let cmd = format!("ip {}", args.join(" "));
     let out = tokio::time::timeout(
         IP_TIMEOUT,
@@ -150,7 +150,7 @@ async fn ip_cmd(args: &[String], ok_if: &str) -> Result<(), HaError> {
         reason: e.to_string(),
     })?;
     let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || err.contains(ok_if) {
+    if out.status.success() || ok_if.iter().any(|m| err.contains(m)) {
         return Ok(());
     }
     Err(HaError::Command {
@@ -175,14 +175,15 @@ fn addr_args(verb: &str, ifname: &str, ip: IpAddr) -> Vec<String> {
 
 /// Adds `ip` (as a host address) to `ifname`; already there is fine.
 pub async fn add_addr(ifname: &str, ip: IpAddr) -> Result<(), HaError> {
-    ip_cmd(&addr_args("add", ifname, ip), "File exists").await
+    ip_cmd(&addr_args("add", ifname, ip), &["File exists"]).await
 }
 
 /// Removes `ip` from `ifname`; not there is fine.
 pub async fn del_addr(ifname: &str, ip: IpAddr) -> Result<(), HaError> {
+    // Older iproute2 says the first, newer the second.
     ip_cmd(
         &addr_args("del", ifname, ip),
-        "Cannot assign requested address",
+        &["Cannot assign requested address", "Address not found"],
     )
     .await
 }

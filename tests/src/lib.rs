@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod guest;
 pub mod lbvip;
+pub mod lbvip_ha;
 pub mod multihost;
 pub mod nbd;
 pub mod netns;
