@@ -423,7 +423,8 @@ impl Entry {
 struct Shared {
     node: String,
     cfg: Config,
-    client: Client,
+    /// For the VIP leases.
+    lease_client: Client,
     vips: Mutex<BTreeMap<String, Entry>>,
     revision: std::sync::atomic::AtomicU64,
 }
@@ -468,8 +469,9 @@ fn start_listener(shared: &Shared, e: &mut Entry) {
     }
 }
 
-/// Starts the lease loop of a new entry (with `--vip-interface`).
-fn start_ha(shared: &Arc<Shared>, e: &mut Entry) {
+/// Starts the lease loop of a new entry (with `--vip-interface`), once `after` (the loop of
+/// the entry it replaces, which may be removing the same address) has ended.
+fn start_ha(shared: &Arc<Shared>, e: &mut Entry, after: Option<tokio::task::JoinHandle<()>>) {
     let Some(ifname) = shared.cfg.vip_interface.clone() else {
         return;
     };
@@ -492,14 +494,19 @@ fn start_ha(shared: &Arc<Shared>, e: &mut Entry) {
         }
     };
     let ctx = crate::ha::LeaseCtx {
-        client: shared.client.clone(),
+        client: shared.lease_client.clone(),
         vip: e.vip.name.clone(),
         node: shared.node.clone(),
         ip: e.vip.addr.ip(),
         ifname,
         stats: e.vip.clone(),
     };
-    let join = tokio::spawn(crate::ha::lease_loop(ctx, serve, stop_rx));
+    let join = tokio::spawn(async move {
+        if let Some(j) = after {
+            let _ = j.await;
+        }
+        crate::ha::lease_loop(ctx, serve, stop_rx).await
+    });
     e.ha = Some(HaTask { stop, join });
 }
 
@@ -521,9 +528,10 @@ fn reconcile(shared: &Arc<Shared>, items: &[api::Vip]) {
             .get(&cfg.name)
             .is_some_and(|e| e.key == cfg.listen_key() && e.maglev_size == maglev_size);
         if !same {
+            let mut after = None;
             if let Some(old) = vips.remove(&cfg.name) {
                 tracing::info!(vip = %cfg.name, "VIP address changed; new socket");
-                stop_entry(old);
+                after = stop_entry(old);
             }
             let vip = Arc::new(Vip::new(&cfg, shared.cfg.connect_timeout, maglev_size));
             vips.insert(
@@ -539,7 +547,7 @@ fn reconcile(shared: &Arc<Shared>, items: &[api::Vip]) {
                 },
             );
             if let Some(e) = vips.get_mut(&cfg.name) {
-                start_ha(shared, e);
+                start_ha(shared, e, after);
             }
         }
         let Some(e) = vips.get_mut(&cfg.name) else {
@@ -558,21 +566,23 @@ fn reconcile(shared: &Arc<Shared>, items: &[api::Vip]) {
     for name in gone {
         if let Some(e) = vips.remove(&name) {
             tracing::info!(vip = %name, "VIP deleted");
-            stop_entry(e);
+            let _ = stop_entry(e);
         }
     }
 }
 
-fn stop_entry(e: Entry) {
+/// Stops an entry's socket and checks; its lease loop (returned) removes the address by
+/// itself. The lease is not released: a re-created VIP of this name may be taking it over on
+/// this node.
+fn stop_entry(e: Entry) -> Option<tokio::task::JoinHandle<()>> {
     if let Some(t) = e.task {
         t.abort();
     }
-    // The lease loop closes what it opened (address) by itself; the lease is not released:
-    // a re-created VIP of this name may be taking it over on this node.
-    if let Some(h) = e.ha {
-        let _ = h.stop.send(false);
-    }
     e.vip.shutdown();
+    e.ha.map(|h| {
+        let _ = h.stop.send(false);
+        h.join
+    })
 }
 
 /// Runs lb-vip until `shutdown` completes.
@@ -581,7 +591,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     let shared = Arc::new(Shared {
         node: cfg.node.clone(),
         cfg: cfg.clone(),
-        client: client.clone(),
+        // Lease requests on fresh connections (see `Client::new_unpooled`).
+        lease_client: Client::new_unpooled(cfg.manager.clone()),
         vips: Mutex::new(BTreeMap::new()),
         revision: std::sync::atomic::AtomicU64::new(0),
     });

@@ -270,6 +270,9 @@ pub async fn lease_loop(
         );
     };
     let mut last_err: Option<String> = None;
+    // The manager may count this node as the holder (the last answer was a grant), even when
+    // the fence says not to serve (a grant that came too late).
+    let mut maybe_held = false;
     let mut next = Instant::now();
     'outer: loop {
         // Wait for the next attempt, fencing meanwhile.
@@ -300,12 +303,22 @@ pub async fn lease_loop(
                         drop_addr(&vip, &ifname, ip).await;
                     }
                 }
-                _ = stop.changed() => break 'outer,
+                _ = stop.changed() => {
+                    // The request may already be at the manager: let it finish (bounded),
+                    // so a release cannot be overtaken by it.
+                    match tokio::time::timeout(Duration::from_secs(1), &mut call).await {
+                        Ok(Ok(_)) => maybe_held = true,
+                        Ok(Err(ClientError::Api { status: 409 | 404, .. })) => maybe_held = false,
+                        _ => {}
+                    }
+                    break 'outer;
+                }
             }
         };
         match res {
             Ok(lease) => {
                 last_err = None;
+                maybe_held = true;
                 if fence.epoch() != 0 && fence.serving() && lease.epoch != fence.epoch() {
                     tracing::info!(
                         vip,
@@ -319,8 +332,11 @@ pub async fn lease_loop(
                         if let Err(e) = add_addr(&ifname, ip).await {
                             tracing::error!(vip, error = %e, "cannot add the VIP address; giving the lease up");
                             fence.refused();
-                            if let Err(e) = client.release_vip_lease(&vip, &node).await {
-                                tracing::warn!(vip, error = %e, "cannot release the VIP lease");
+                            match client.release_vip_lease(&vip, &node).await {
+                                Ok(()) => maybe_held = false,
+                                Err(e) => {
+                                    tracing::warn!(vip, error = %e, "cannot release the VIP lease")
+                                }
                             }
                             next = Instant::now() + Duration::from_secs(2);
                             continue;
@@ -344,6 +360,8 @@ pub async fn lease_loop(
                 ..
             }) => {
                 last_err = None;
+                maybe_held = false;
+                tracing::debug!(vip, took_ms = sent.elapsed().as_millis() as u64, reason = %message, "VIP lease refused");
                 if fence.refused() == Some(Change::Lost) {
                     lose(&message, &fence);
                     drop_addr(&vip, &ifname, ip).await;
@@ -364,17 +382,17 @@ pub async fn lease_loop(
         serve(false);
         stats.stats.holder.store(false, Ordering::Relaxed);
         drop_addr(&vip, &ifname, ip).await;
-        if release {
-            match tokio::time::timeout(
-                Duration::from_secs(2),
-                client.release_vip_lease(&vip, &node),
-            )
-            .await
-            {
-                Ok(Ok(())) => tracing::info!(vip, "VIP lease released"),
-                Ok(Err(e)) => tracing::warn!(vip, error = %e, "cannot release the VIP lease"),
-                Err(_) => tracing::warn!(vip, "releasing the VIP lease timed out"),
-            }
+    }
+    if release && maybe_held {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            client.release_vip_lease(&vip, &node),
+        )
+        .await
+        {
+            Ok(Ok(())) => tracing::info!(vip, "VIP lease released"),
+            Ok(Err(e)) => tracing::warn!(vip, error = %e, "cannot release the VIP lease"),
+            Err(_) => tracing::warn!(vip, "releasing the VIP lease timed out"),
         }
     }
 }

@@ -62,6 +62,26 @@ impl Client {
         }
     }
 
+    /// Like [`new`](Self::new), but every request goes on a fresh connection (none is kept
+    /// for reuse). For requests whose timing matters, such as leases: a request that timed out
+    /// on a kept connection during a network cut can still reach the manager seconds later
+    /// from that connection's send queue (TCP retransmits it after the close); on a fresh
+    /// connection the request is only sent once the handshake completed.
+    pub fn new_unpooled(urls: Vec<String>) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("HTTP client");
+        Client {
+            urls: urls
+                .into_iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect(),
+            http,
+        }
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
