@@ -440,6 +440,33 @@ pub fn holders(hosts: &[Host], ip: &str) -> Vec<usize> {
         .collect()
 }
 
+/// The MAC address of `host`'s interface.
+pub fn mac_of(host: &Host) -> String {
+    let out = crate::run(Command::new("ip").args([
+        "-n",
+        &host.ns,
+        "-o",
+        "link",
+        "show",
+        "dev",
+        &host.ifname,
+    ]));
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {out:?}"))
+        .to_string()
+}
+
+/// The MAC `host`'s neighbour table has for `ip` (None: no entry, or one without an address).
+pub fn neigh_mac(host: &Host, ip: &str) -> Option<String> {
+    let out = crate::run(Command::new("ip").args(["-n", &host.ns, "neigh", "show", ip]));
+    out.split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .map(str::to_string)
+}
+
 /// The address as a `SocketAddrV4`.
 pub fn v4(s: &str) -> SocketAddrV4 {
     match s.parse::<SocketAddr>().unwrap() {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use fabric_tests::lbvip_ha::{holders, v4, HaNet, LB, MANAGER};
+use fabric_tests::lbvip_ha::{holders, mac_of, neigh_mac, v4, HaNet, CLIENT, LB, MANAGER};
 
 const VIP_IP: &str = "198.18.0.100";
 const VIP: &str = "198.18.0.100:80";
@@ -211,6 +211,12 @@ fn phases(
     let mgr_ip = h.host(MANAGER).addr.clone();
     // 1. The holder alone loses the manager (a blackhole route to it); the other still
     // reaches it and takes over only after the holder stopped serving.
+    let client = h.host(CLIENT).clone();
+    assert_eq!(
+        neigh_mac(&client, VIP_IP),
+        Some(mac_of(h.host(LB[first]))),
+        "the client reached the VIP through the holder"
+    );
     let cut = t_start.elapsed();
     fabric_tests::run(std::process::Command::new("ip").args([
         "-n",
@@ -242,6 +248,14 @@ fn phases(
         "overlap: {first_last:?} >= {second_first:?}"
     );
     assert!(took <= Duration::from_secs(3), "takeover took {took:?}");
+    // Gratuitous ARP: the client's neighbour entry moves to the new holder before the client
+    // sent anything to it.
+    let new_mac = mac_of(h.host(LB[second]));
+    h.wait(
+        "the client's neighbour entry to follow the gratuitous ARP",
+        Duration::from_secs(2),
+        || neigh_mac(&client, VIP_IP).as_ref() == Some(&new_mac),
+    );
     assert_eq!(h.lb_metric(first, "lbvip_vip_holder"), Some(0.0));
     assert_eq!(h.lb_metric(first, "lbvip_vip_lease_lost_total"), Some(1.0));
     h.wait(
