@@ -188,9 +188,10 @@ pub async fn del_addr(ifname: &str, ip: IpAddr) -> Result<(), HaError> {
     .await
 }
 
-/// Announces `ip` on `ifname` by gratuitous ARP (IPv4 only; IPv6 neighbours learn from the
-/// unsolicited advertisements the kernel sends for a new address). In the background; a
-/// failure is logged.
+/// Announces `ip` on `ifname` by gratuitous ARP, in the background; a failure is logged.
+/// IPv4 only: for an IPv6 VIP nothing is sent here (the kernel sends an unsolicited neighbour
+/// advertisement for a new address only with `net.ipv6.conf.IF.ndisc_notify=1`; otherwise
+/// the neighbours find the new holder when their entry goes stale).
 pub fn announce(vip: &str, ifname: &str, ip: IpAddr) {
     if !ip.is_ipv4() {
         return;
