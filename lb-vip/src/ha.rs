@@ -255,10 +255,6 @@ pub async fn lease_loop(
         tracing::warn!(vip, error = %e, "cannot remove a leftover VIP address");
     }
     let mut fence = Fence::new(LEASE_TTL, FENCE_MARGIN);
-    let req = api::VipLeaseRequest {
-        node: node.clone(),
-        ttl_ms: LEASE_TTL.as_millis() as u64,
-    };
     let lose = |why: &str, fence: &Fence| {
         serve(false);
         stats.stats.holder.store(false, Ordering::Relaxed);
@@ -292,6 +288,13 @@ pub async fn lease_loop(
         }
         let sent = Instant::now();
         next = sent + RENEW_EVERY;
+        // While serving, a renewal of that epoch only: one delayed in the network past an
+        // expiry or a release cannot start a tenure this loop does not know of.
+        let req = api::VipLeaseRequest {
+            node: node.clone(),
+            ttl_ms: LEASE_TTL.as_millis() as u64,
+            epoch: fence.serving().then(|| fence.epoch()),
+        };
         let call = client.acquire_vip_lease(&vip, &req);
         tokio::pin!(call);
         let res = loop {

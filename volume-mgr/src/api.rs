@@ -755,12 +755,17 @@ pub const VIP_LEASE_TTL_MAX_MS: u64 = 60_000;
 /// for `ttl_ms` (500..=60000) from when the manager handles the request. Granted (200
 /// `VipLease`) when nobody holds it, the holder's lease expired, or `node` is the holder
 /// (a renewal: same epoch, new expiry); otherwise 409 `held` naming the holder and when its
-/// lease expires.
+/// lease expires (or 409 `lease_lost` for a renewal naming an epoch `node` no longer holds).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VipLeaseRequest {
     pub node: String,
     pub ttl_ms: u64,
+    /// A renewal: the epoch the caller holds. Granted only while `node` holds exactly that
+    /// epoch, else 409 `lease_lost` (so a renewal delayed in the network past an expiry or a
+    /// release starts no tenure the caller does not know of). None: acquire or renew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// Who may serve a VIP's address. `epoch` grows by one with every new tenure (another node,

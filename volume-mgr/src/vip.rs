@@ -383,36 +383,86 @@ pub struct Granted {
     pub new_holder: bool,
 }
 
-/// Node `node` asks for the lease of `vip` (currently `cur`) for `ttl_ms` at `now_ms`:
-/// granted when nobody holds it (no lease, or it expired or was released) with the next
-/// epoch, renewed with the same epoch when `node` holds it, else `Err` with the holder's
-/// lease.
+/// Why a lease request is refused (409).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another node holds it (`held`).
+    Held(api::VipLease),
+    /// A renewal of `epoch` when the node no longer holds that epoch (`lease_lost`): it
+    /// expired or was released (`current` is the record, if any, possibly held by another).
+    Lost {
+        epoch: u64,
+        current: Option<api::VipLease>,
+    },
+}
+
+/// Node `node` asks for the lease of `vip` (currently `cur`) for `ttl_ms` at `now_ms`.
+/// Without `renew_epoch`: granted when nobody holds it (no lease, or it expired or was
+/// released) with the next epoch, renewed with the same epoch when `node` holds it, else
+/// `Held`. With `renew_epoch` (the caller believes it holds that epoch): renewed only when
+/// `node` still holds exactly that epoch, else `Lost` — so a renewal that arrives late
+/// (delayed in the network past a release or an expiry) never starts a tenure nobody knows
+/// of.
 pub fn acquire_lease(
     vip: &str,
     cur: Option<&api::VipLease>,
     node: &str,
+    renew_epoch: Option<u64>,
     ttl_ms: u64,
     now_ms: u64,
-) -> Result<Granted, api::VipLease> {
+) -> Result<Granted, Refusal> {
     let expires_ms = now_ms.saturating_add(ttl_ms);
-    match cur {
-        Some(l) if l.is_held(now_ms) && l.holder == node => Ok(Granted {
+    let mine = cur.filter(|l| l.is_held(now_ms) && l.holder == node);
+    match (mine, renew_epoch) {
+        (Some(l), Some(e)) if l.epoch != e => Err(Refusal::Lost {
+            epoch: e,
+            current: cur.cloned(),
+        }),
+        (Some(l), _) => Ok(Granted {
             lease: api::VipLease {
                 expires_ms: expires_ms.max(l.expires_ms),
                 ..l.clone()
             },
             new_holder: false,
         }),
-        Some(l) if l.is_held(now_ms) => Err(l.clone()),
-        _ => Ok(Granted {
-            lease: api::VipLease {
-                vip: vip.to_string(),
-                holder: node.to_string(),
-                epoch: cur.map_or(0, |l| l.epoch).saturating_add(1),
-                expires_ms,
-            },
-            new_holder: true,
+        (None, Some(e)) => Err(Refusal::Lost {
+            epoch: e,
+            current: cur.cloned(),
         }),
+        (None, None) => match cur {
+            Some(l) if l.is_held(now_ms) => Err(Refusal::Held(l.clone())),
+            _ => Ok(Granted {
+                lease: api::VipLease {
+                    vip: vip.to_string(),
+                    holder: node.to_string(),
+                    epoch: cur.map_or(0, |l| l.epoch).saturating_add(1),
+                    expires_ms,
+                },
+                new_holder: true,
+            }),
+        },
+    }
+}
+
+/// The 409 line of a refusal to `node` (and its code: `held` or `lease_lost`).
+pub fn refusal_message(vip: &str, node: &str, r: &Refusal, now_ms: u64) -> (&'static str, String) {
+    match r {
+        Refusal::Held(l) => ("held", held_message(l, now_ms)),
+        Refusal::Lost { epoch, current } => {
+            let now = match current {
+                Some(l) if l.is_held(now_ms) => format!(
+                    "held by {} (epoch {}) for {} ms more",
+                    l.holder,
+                    l.epoch,
+                    l.expires_ms.saturating_sub(now_ms)
+                ),
+                _ => "held by nobody".to_string(),
+            };
+            (
+                "lease_lost",
+                format!("{node} no longer holds vip {vip} with epoch {epoch} (it expired or was released; now {now}): acquire it again without an epoch"),
+            )
+        }
     }
 }
 
@@ -869,27 +919,27 @@ mod tests {
     #[test]
     fn lease_acquire_renew_takeover_release() {
         // First holder: epoch 1.
-        let g = acquire_lease("web", None, "a", 1500, 1000).unwrap();
+        let g = acquire_lease("web", None, "a", None, 1500, 1000).unwrap();
         assert!(g.new_holder);
         let l = g.lease;
         assert_eq!((l.holder.as_str(), l.epoch, l.expires_ms), ("a", 1, 2500));
         // Another node while it is held: refused with the holder's lease.
         assert_eq!(
-            acquire_lease("web", Some(&l), "b", 1500, 2499),
-            Err(l.clone())
+            acquire_lease("web", Some(&l), "b", None, 1500, 2499),
+            Err(Refusal::Held(l.clone()))
         );
         // The holder renews: same epoch, later expiry (never earlier).
-        let r = acquire_lease("web", Some(&l), "a", 1500, 2000).unwrap();
+        let r = acquire_lease("web", Some(&l), "a", None, 1500, 2000).unwrap();
         assert!(!r.new_holder);
         assert_eq!((r.lease.epoch, r.lease.expires_ms), (1, 3500));
-        let short = acquire_lease("web", Some(&r.lease), "a", 500, 2100).unwrap();
+        let short = acquire_lease("web", Some(&r.lease), "a", None, 500, 2100).unwrap();
         assert_eq!(short.lease.expires_ms, 3500);
         // Expired (now == expires): anyone takes it over with the next epoch.
-        let t = acquire_lease("web", Some(&r.lease), "b", 1500, 3500).unwrap();
+        let t = acquire_lease("web", Some(&r.lease), "b", None, 1500, 3500).unwrap();
         assert!(t.new_holder);
         assert_eq!((t.lease.holder.as_str(), t.lease.epoch), ("b", 2));
         // The old holder coming back late starts a new tenure too.
-        let late = acquire_lease("web", Some(&t.lease), "b", 1500, 6000).unwrap();
+        let late = acquire_lease("web", Some(&t.lease), "b", None, 1500, 6000).unwrap();
         assert!(late.new_holder);
         assert_eq!(late.lease.epoch, 3);
         // Release: only the holder; it keeps the epoch and ends now.
@@ -904,11 +954,66 @@ mod tests {
         assert!(!rel.is_held(6100));
         assert_eq!(release_lease(Some(&rel), "b", 6200), Ok(None));
         assert_eq!(release_lease(None, "b", 6200), Ok(None));
-        let next = acquire_lease("web", Some(&rel), "a", 1500, 6200).unwrap();
+        let next = acquire_lease("web", Some(&rel), "a", None, 1500, 6200).unwrap();
         assert_eq!(next.lease.epoch, 4);
         assert_eq!(
             held_message(&next.lease, 6700),
             "vip web is held by a (epoch 4) until 7700 ms since the epoch, 1000 ms from now"
         );
+    }
+
+    #[test]
+    fn renewals_name_their_epoch() {
+        let l = acquire_lease("web", None, "a", None, 1500, 1000)
+            .unwrap()
+            .lease;
+        // The holder renewing its epoch: kept.
+        let r = acquire_lease("web", Some(&l), "a", Some(1), 1500, 1500).unwrap();
+        assert!(!r.new_holder);
+        assert_eq!((r.lease.epoch, r.lease.expires_ms), (1, 3000));
+        // A renewal of another epoch, or by a node that does not hold it: lost.
+        let lost = |epoch, current: &api::VipLease| Refusal::Lost {
+            epoch,
+            current: Some(current.clone()),
+        };
+        assert_eq!(
+            acquire_lease("web", Some(&r.lease), "a", Some(7), 1500, 1600),
+            Err(lost(7, &r.lease))
+        );
+        assert_eq!(
+            acquire_lease("web", Some(&r.lease), "b", Some(1), 1500, 1600),
+            Err(lost(1, &r.lease))
+        );
+        // A late renewal after the lease expired (or was released) starts nothing, although
+        // a plain acquire would.
+        assert_eq!(
+            acquire_lease("web", Some(&r.lease), "a", Some(1), 1500, 3000),
+            Err(lost(1, &r.lease))
+        );
+        let rel = release_lease(Some(&r.lease), "a", 2000).unwrap().unwrap();
+        assert_eq!(
+            acquire_lease("web", Some(&rel), "a", Some(1), 1500, 2001),
+            Err(lost(1, &rel))
+        );
+        assert_eq!(
+            acquire_lease("web", None, "a", Some(1), 1500, 2001),
+            Err(Refusal::Lost {
+                epoch: 1,
+                current: None
+            })
+        );
+        assert_eq!(
+            acquire_lease("web", Some(&rel), "a", None, 1500, 2001)
+                .unwrap()
+                .lease
+                .epoch,
+            2
+        );
+        let (code, msg) = refusal_message("web", "a", &lost(1, &rel), 2001);
+        assert_eq!(code, "lease_lost");
+        assert_eq!(msg, "a no longer holds vip web with epoch 1 (it expired or was released; now held by nobody): acquire it again without an epoch");
+        let (code, msg) = refusal_message("web", "b", &Refusal::Held(r.lease.clone()), 2000);
+        assert_eq!(code, "held");
+        assert!(msg.starts_with("vip web is held by a (epoch 1)"), "{msg}");
     }
 }

@@ -261,6 +261,38 @@ fn lease_refusals() {
     let v = a.req("GET", "/v1/vips/web", None).1;
     assert_eq!(v["lease"]["holder"], "h1");
     assert_eq!(v["lease"]["epoch"], 1);
+    // A renewal naming its epoch: kept while it is the holder's, else 409 `lease_lost`.
+    let renew = |node: &str, epoch: u64| {
+        a.req(
+            "POST",
+            "/v1/vips/web/lease",
+            Some(json!({"node": node, "ttl_ms": 1000, "epoch": epoch})),
+        )
+    };
+    let (st, r) = renew("h1", 1);
+    assert_eq!((st, r["epoch"].clone()), (200, json!(1)), "{r}");
+    expect_has(
+        renew("h1", 2),
+        409,
+        "lease_lost",
+        "h1 no longer holds vip web with epoch 2",
+    );
+    expect_has(
+        renew("h2", 1),
+        409,
+        "lease_lost",
+        "now held by h1 (epoch 1)",
+    );
+    // Released, a late renewal starts nothing; a plain acquire does.
+    assert_eq!(a.release("web", "h1").0, 204);
+    expect_has(
+        renew("h1", 1),
+        409,
+        "lease_lost",
+        "(it expired or was released; now held by nobody)",
+    );
+    let (st, r) = a.acquire("web", "h1", 1000);
+    assert_eq!((st, r["epoch"].clone()), (200, json!(2)), "{r}");
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -290,6 +322,7 @@ fn client_methods_and_watch() {
         let req = |node: &str, ttl_ms| api::VipLeaseRequest {
             node: node.into(),
             ttl_ms,
+            epoch: None,
         };
         let rev = c.list_vips().await.unwrap().revision;
         // A new holder wakes a watch, and the answer carries the lease.

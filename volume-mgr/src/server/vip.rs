@@ -370,7 +370,8 @@ pub(super) async fn report(
 
 /// `POST /v1/vips/{name}/lease` `{node, ttl_ms}`: 200 with the lease when nobody holds it, the
 /// holder's lease expired (by this manager's clock) or `node` is the holder (a renewal keeps
-/// the epoch, a new tenure bumps it); 409 `held` naming the holder and its expiry; 404 for an
+/// the epoch, a new tenure bumps it); 409 `held` naming the holder and its expiry, or 409
+/// `lease_lost` for a renewal (`epoch` given) of an epoch `node` no longer holds; 404 for an
 /// unknown VIP; 400 for a bad node name or a ttl outside 500..=60000 ms. Stored durably under
 /// compare-and-swap on the lease and the VIP record. Only a new tenure wakes VIP watches
 /// (renewals do not).
@@ -389,8 +390,11 @@ pub(super) async fn acquire_lease(
     let cur = app.store.get(Kind::VipLease, &name)?;
     let old: Option<api::VipLease> = cur.as_deref().map(decode).transpose()?;
     let now = now_ms();
-    let g = rules::acquire_lease(&name, old.as_ref(), &req.node, req.ttl_ms, now)
-        .map_err(|l| conflict("held", rules::held_message(&l, now)))?;
+    let g = rules::acquire_lease(&name, old.as_ref(), &req.node, req.epoch, req.ttl_ms, now)
+        .map_err(|r| {
+            let (code, msg) = rules::refusal_message(&name, &req.node, &r, now);
+            conflict(code, msg)
+        })?;
     let rev = app.store.commit(
         &[
             Cond::Equals(Kind::Vip, name.clone(), Some(vip_cur)),
