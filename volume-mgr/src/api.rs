@@ -789,3 +789,50 @@ impl VipLease {
         now_ms < self.expires_ms
     }
 }
+
+/// `PUT /v1/recovery/progress/{node}`: a blockd reports how many bytes its copies
+/// (re-replication and resync) have moved since it started (a counter; a smaller value
+/// than last time means the daemon restarted).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryProgress {
+    pub copied_bytes: u64,
+}
+
+/// `GET /v1/recovery`: redundancy and re-replication state of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recovery {
+    pub nodes_up: u32,
+    pub nodes_down: u32,
+    /// Down nodes silent for longer than `out_after` (their sets are being re-homed).
+    pub nodes_out: Vec<String>,
+    /// Chunk sets with fewer in-service replicas than the volume wants.
+    pub degraded_sets: u64,
+    /// Replicas recorded but not in service yet on a node that is up (being copied to).
+    pub syncing_replicas: u64,
+    /// Upper bound of the bytes still to copy: the full share of every syncing replica's
+    /// set (a delta resync moves less).
+    pub bytes_left: u64,
+    /// Bytes the blockds reported copied since this manager started.
+    pub bytes_copied: u64,
+    /// Copy rate over the last 10 s, bytes per second.
+    pub rate: f64,
+    /// `bytes_left / rate`, when something is moving.
+    #[serde(default)]
+    pub eta_s: Option<f64>,
+    /// Replicas re-homed to a new node by this manager since it started.
+    pub replaced: u64,
+    pub volumes: Vec<VolumeRecovery>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRecovery {
+    pub name: String,
+    pub sets: u64,
+    pub degraded_sets: u64,
+    /// Sets with a replica being copied to.
+    pub in_progress: u64,
+    pub bytes_left: u64,
+}

@@ -247,6 +247,23 @@ impl Client {
         .ok_or_else(|| ClientError::Protocol("empty body".into()))
     }
 
+    /// Redundancy and re-replication state (`GET /v1/recovery`).
+    pub async fn recovery(&self) -> Result<api::Recovery, ClientError> {
+        self.get("/v1/recovery").await
+    }
+
+    /// Reports this node's copy counter (bytes copied since the daemon started).
+    pub async fn report_recovery(&self, node: &str, copied_bytes: u64) -> Result<(), ClientError> {
+        self.call::<_, serde_json::Value>(
+            Method::PUT,
+            &format!("/v1/recovery/progress/{}", seg(node)),
+            Some(&api::RecoveryProgress { copied_bytes }),
+            Duration::from_secs(5),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Every volume's lease.
     pub async fn list_leases(&self) -> Result<api::List<api::Lease>, ClientError> {
         self.get("/v1/leases").await

@@ -8,6 +8,7 @@ pub mod humantime_serde;
 pub mod metrics;
 pub mod net;
 pub mod placement;
+pub mod recovery;
 pub mod server;
 pub mod store;
 pub mod vip;

@@ -27,6 +27,9 @@ struct Args {
     /// A node without heartbeat for this long is down [default: 5s]
     #[arg(long)]
     down_after: Option<String>,
+    /// A node down for this long (after --down-after) has its replicas re-homed [default: 60s]
+    #[arg(long)]
+    out_after: Option<String>,
     /// Provisioned bytes allowed per byte of disk capacity [default: 1.0]
     #[arg(long)]
     overcommit: Option<f64>,
@@ -43,6 +46,7 @@ struct File {
     store: Option<String>,
     etcd_endpoints: Option<String>,
     down_after: Option<String>,
+    out_after: Option<String>,
     overcommit: Option<f64>,
     default_replicas: Option<u32>,
 }
@@ -91,6 +95,14 @@ fn config(a: Args) -> Result<Config, String> {
                 Err(e) => return Err(format!("down-after: {e}")),
             },
             None => d.down_after,
+        },
+        out_after: match a.out_after.or(f.out_after) {
+            Some(s) => match volume_mgr::humantime_serde::parse(&s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => return Err("out-after must be more than 0".into()),
+                Err(e) => return Err(format!("out-after: {e}")),
+            },
+            None => d.out_after,
         },
         overcommit: match a.overcommit.or(f.overcommit) {
             Some(o) if o > 0.0 && o.is_finite() => o,
@@ -186,6 +198,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "0.0.0.0:1");
         assert_eq!(c.down_after, Duration::from_millis(1500));
+        assert_eq!(c.out_after, Duration::from_secs(60));
+        let o = cfg(&["--data-dir", "/d", "--out-after", "5s"]).unwrap();
+        assert_eq!(o.out_after, Duration::from_secs(5));
         assert_eq!(c.overcommit, 2.5);
         assert_eq!(c.default_replicas, 3);
         let c = cfg(&["--data-dir", "/d", "--default-replicas", "1"]).unwrap();
@@ -234,6 +249,8 @@ mod tests {
         assert!(e(&["--data-dir", "/d", "--listen", "nowhere"]).contains("IP:PORT"));
         assert!(e(&["--data-dir", "/d", "--down-after", "5 parsecs"]).contains("down-after"));
         assert!(e(&["--data-dir", "/d", "--down-after", "0s"]).contains("more than 0"));
+        assert!(e(&["--data-dir", "/d", "--out-after", "0s"]).contains("out-after"));
+        assert!(e(&["--data-dir", "/d", "--out-after", "soon"]).contains("out-after"));
         assert!(e(&["--data-dir", "/d", "--overcommit", "0"]).contains("positive"));
         assert!(e(&["--data-dir", "/d", "--default-replicas", "0"]).contains("1..=16"));
         assert!(e(&["--data-dir", "/d", "--default-replicas", "17"]).contains("1..=16"));

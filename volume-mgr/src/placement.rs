@@ -91,6 +91,26 @@ pub fn place(
     Ok(out)
 }
 
+/// A new home for one replica of chunk set `index` of `volume` (re-replication): the
+/// best-scoring node by the same weighted rendezvous score as [`place`], not in `exclude`
+/// (the set's other members) and in none of `taken_zones` (their failure domains). None when
+/// no such node has capacity.
+pub fn replace(
+    volume: u64,
+    index: u64,
+    nodes: &[Candidate],
+    exclude: &[String],
+    taken_zones: &[String],
+) -> Option<String> {
+    nodes
+        .iter()
+        .filter(|c| c.weight > 0.0 && c.weight.is_finite())
+        .filter(|c| !exclude.contains(&c.name) && !taken_zones.contains(&c.zone))
+        .map(|c| (score(volume, index, c), c))
+        .max_by(|a, b| a.0.total_cmp(&b.0).then_with(|| b.1.name.cmp(&a.1.name)))
+        .map(|(_, c)| c.name.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +206,33 @@ mod tests {
         // independently from the definition: FNV-1a over the LE key bytes, splitmix64 final).
         assert_eq!(score_hash(1, 2, "host-a"), 0xde1a_97be_bf95_9163);
         assert_ne!(score_hash(1, 2, "host-a"), score_hash(1, 2, "host-b"));
+    }
+
+    #[test]
+    fn replacement_follows_the_placement_order() {
+        let ns = nodes(6);
+        for i in 0..200 {
+            let full = place(5, i, &ns, 4).unwrap();
+            // Losing the first choice: the replacement is the next best node not in the set.
+            let keep: Vec<String> = full[1..3].to_vec();
+            let zones: Vec<String> = keep.iter().map(|n| format!("z{}", &n[1..])).collect();
+            let mut excl = keep.clone();
+            excl.push(full[0].clone());
+            assert_eq!(replace(5, i, &ns, &excl, &zones), Some(full[3].clone()));
+        }
+        // Zones already used are skipped; nothing left is None.
+        let mut ns = nodes(3);
+        ns[2].zone = "z0".into();
+        assert_eq!(
+            replace(1, 0, &ns, &["n1".into()], &["z0".into(), "z1".into()]),
+            None
+        );
+        ns[2].zone = "z2".into();
+        assert_eq!(
+            replace(1, 0, &ns, &["n1".into()], &["z0".into(), "z1".into()]),
+            Some("n2".into())
+        );
+        ns[2].weight = 0.0;
+        assert_eq!(replace(1, 0, &ns, &[], &["z0".into(), "z1".into()]), None);
     }
 }

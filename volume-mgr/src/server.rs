@@ -47,6 +47,9 @@ pub struct Config {
     pub data_dir: std::path::PathBuf,
     #[serde(with = "crate::humantime_serde")]
     pub down_after: Duration,
+    /// A node down for this long (after `down_after`) has its replicas re-homed.
+    #[serde(with = "crate::humantime_serde")]
+    pub out_after: Duration,
     /// Provisioned volume bytes allowed per byte of raw disk capacity.
     pub overcommit: f64,
     /// Replicas of a volume created without `replicas`.
@@ -59,6 +62,7 @@ impl Default for Config {
             listen: "127.0.0.1:7700".into(),
             data_dir: "/var/lib/fabric/manager".into(),
             down_after: Duration::from_secs(5),
+            out_after: Duration::from_secs(60),
             overcommit: 1.0,
             default_replicas: 3,
         }
@@ -84,21 +88,21 @@ pub fn node_state(
     }
 }
 
-struct Live {
-    last_heartbeat_ms: u64,
+pub(crate) struct Live {
+    pub(crate) last_heartbeat_ms: u64,
     disks: Vec<api::DiskSpec>,
 }
 
 pub struct App {
-    store: Arc<dyn Store>,
-    cfg: Config,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) cfg: Config,
     cluster_id: String,
     /// Store revision of the last volume change (what volume watches wait on).
-    volume_rev: tokio::sync::watch::Sender<u64>,
-    mutate: tokio::sync::Mutex<()>,
-    live: Mutex<HashMap<String, Live>>,
+    pub(crate) volume_rev: tokio::sync::watch::Sender<u64>,
+    pub(crate) mutate: tokio::sync::Mutex<()>,
+    pub(crate) live: Mutex<HashMap<String, Live>>,
     /// Set once shutdown begins: long-polls answer at once instead of holding it up.
-    stopping: tokio::sync::watch::Sender<bool>,
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
     pub metrics: Metrics,
     /// Store revision of the last change to networks, ports or switches (including a switch
     /// recorded up or down): what netstate watches wait on.
@@ -109,7 +113,9 @@ pub struct App {
     switch_wake: tokio::sync::Notify,
     /// When this process opened the state (switches not heard from since keep their recorded
     /// state for `down_after`).
-    started_ms: u64,
+    pub(crate) started_ms: u64,
+    /// Re-replication progress (memory only), see [`crate::recovery`].
+    pub(crate) recovery: crate::recovery::RecoveryLive,
     /// VIP watch revision and the lb-vip instances' reports (memory only).
     vips: vip::VipLive,
 }
@@ -130,10 +136,10 @@ impl IntoResponse for Error {
     }
 }
 
-fn bad(msg: impl Into<String>) -> Error {
+pub(crate) fn bad(msg: impl Into<String>) -> Error {
     Error(StatusCode::BAD_REQUEST, "invalid_argument", msg.into())
 }
-fn not_found(msg: impl Into<String>) -> Error {
+pub(crate) fn not_found(msg: impl Into<String>) -> Error {
     Error(StatusCode::NOT_FOUND, "not_found", msg.into())
 }
 impl From<StoreError> for Error {
@@ -213,7 +219,7 @@ fn json_err(r: JsonRejection) -> Error {
     )
 }
 
-fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Error> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(b).map_err(|e| {
         Error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -222,16 +228,16 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Error> {
         )
     })
 }
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("API types serialise")
 }
 
 type AppState = Arc<App>;
-type ApiResult<T> = Result<T, Error>;
+pub(crate) type ApiResult<T> = Result<T, Error>;
 
 /// Node names follow the volume name rules: 1 to 64 of `[A-Za-z0-9._-]`, not starting with
 /// `.` or `-` (host names fit; `.` and `..` could not be addressed in a URL path).
-fn validate_node_name(n: &str) -> ApiResult<()> {
+pub(crate) fn validate_node_name(n: &str) -> ApiResult<()> {
     api::validate_volume_name(n).map_err(|e| {
         bad(format!(
             "invalid node name {n:?}: {}",
@@ -331,7 +337,7 @@ async fn heartbeat(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn with_liveness(app: &App, mut n: api::Node) -> api::Node {
+pub(crate) fn with_liveness(app: &App, mut n: api::Node) -> api::Node {
     let live = app.live.lock().unwrap();
     let hb = live.get(&n.name).map(|l| l.last_heartbeat_ms);
     n.state = node_state(hb, now_ms(), app.cfg.down_after);
@@ -358,7 +364,7 @@ async fn get_node(State(app): State<AppState>, Name(name): Name) -> ApiResult<Js
     Ok(Json(with_liveness(&app, decode(&b)?)))
 }
 
-fn disks(app: &App) -> ApiResult<(u64, Vec<api::Disk>)> {
+pub(crate) fn disks(app: &App) -> ApiResult<(u64, Vec<api::Disk>)> {
     let (revision, items) = app.store.list(Kind::Disk)?;
     let live = app.live.lock().unwrap();
     let mut out = Vec::new();
@@ -536,7 +542,7 @@ fn check_domains(candidates: &[crate::placement::Candidate], replicas: u32) -> A
 pub const MAX_SETS: u64 = 32;
 
 /// Up nodes with free space, weighted by it, in their zones.
-fn placement_candidates(
+pub(crate) fn placement_candidates(
     app: &App,
     ds: &[api::Disk],
 ) -> ApiResult<Vec<crate::placement::Candidate>> {
@@ -803,6 +809,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     use std::fmt::Write;
     let _ = writeln!(out, "# HELP volume_mgr_nodes Nodes by state.\n# TYPE volume_mgr_nodes gauge\nvolume_mgr_nodes{{state=\"up\"}} {up}\nvolume_mgr_nodes{{state=\"down\"}} {down}");
     let _ = writeln!(out, "# HELP volume_mgr_volumes Volumes.\n# TYPE volume_mgr_volumes gauge\nvolume_mgr_volumes {vols}");
+    crate::recovery::render_metrics(&app, &mut out);
     network::render_metrics(&app, &mut out);
     vip::render_metrics(&app, &mut out);
     let _ = writeln!(out, "# HELP volume_mgr_store_revision Store revision.\n# TYPE volume_mgr_store_revision gauge\nvolume_mgr_store_revision {rev}");
@@ -843,6 +850,11 @@ pub fn router(app: Arc<App>) -> Router {
             axum::routing::post(update_replicas),
         )
         .route("/v1/leases", get(list_leases))
+        .route("/v1/recovery", get(crate::recovery::get_recovery))
+        .route(
+            "/v1/recovery/progress/{name}",
+            put(crate::recovery::report_progress),
+        )
         .route(
             "/v1/volumes/{name}/lease",
             axum::routing::post(acquire_lease).get(get_lease),
@@ -955,6 +967,7 @@ pub fn open_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Arc<App>, S
         switch_live: Mutex::new(HashMap::new()),
         switch_wake: tokio::sync::Notify::new(),
         started_ms: now_ms(),
+        recovery: Default::default(),
         vips: vip::VipLive::new(rev),
     }))
 }
@@ -986,6 +999,7 @@ pub async fn serve(
     tracing::info!(addr = ?listener.local_addr().ok(), cluster_id = %app.cluster_id, "volume-mgr serving");
     let stopping = app.clone();
     tokio::spawn(network::switch_liveness(app.clone()));
+    tokio::spawn(crate::recovery::controller(app.clone()));
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -1,0 +1,640 @@
+//! Re-replication: the controller that restores R replicas per chunk set after a node is
+//! lost, and the recovery state (`GET /v1/recovery`, `/metrics`).
+//!
+//! # Rules
+//! - A node is *out* after `down_after + out_after` of continuous silence (no heartbeat),
+//!   measured from its last heartbeat, or from this manager's start when it has not been
+//!   heard since (a restarted manager does not re-home the whole cluster at once).
+//! - Flap damping: a node that went silent again less than `out_after` after it came back is
+//!   *flapping*; it is out only after `down_after + 2 × out_after` of silence, and it stops
+//!   flapping once it stayed up for `out_after`. A node that returns before it is out keeps
+//!   its replicas: the gateway resyncs only the chunks whose version moved on. On top of
+//!   that at most [`MAX_SYNCING`] replicas are being copied to at once in the whole
+//!   cluster, so no burst of failures starts a storm of copies.
+//! - Every pass (each second) takes the sets that hold a member on an out (or unregistered)
+//!   node, highest risk first (fewest in-service replicas on up nodes), and gives each such
+//!   member a new home chosen by the placement rules (weighted rendezvous score over the up
+//!   nodes with free space, not a node already in the set, not a failure domain already in
+//!   the set). A member still recorded in service is re-homed only when another member of
+//!   the set is in service (the last known good copy is never dropped from the record).
+//!
+//! # Ordering (no acknowledged write lost)
+//! 1. The new member is committed durably as *not in service* (syncing: it receives writes,
+//!    serves no reads, is not counted for acknowledgements) BEFORE any data goes to it. The
+//!    replaced member leaves the record in the same commit.
+//! 2. The copy is done by the blockd that holds the volume's lease (the gateway of an
+//!    attached volume; a detached volume's new node attaches it itself, see blockd's
+//!    agent): it watches the volume record, sees a member it cannot count on and runs its
+//!    resync: from a barrier on (every stripe lock taken once) every write is mirrored to the
+//!    new member; then every chunk whose (version, digest) differs from an in-service
+//!    replica's is copied under that chunk's lock (throttled by blockd's
+//!    `--recovery-bandwidth`). A copy racing a write cannot leave old data behind: both hold
+//!    the chunk lock, and the version comparison runs after the barrier.
+//! 3. Only then, with every stripe locked (no write in flight), does the gateway record the
+//!    member in service (`POST /v1/volumes/{name}/replicas`, lease epoch checked).
+
+use crate::api;
+use crate::server::{decode, encode, ApiResult, App};
+use crate::store::{Cond, Kind, Op};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Most replicas being copied to at once in the cluster.
+pub const MAX_SYNCING: usize = 8;
+
+/// What the controller knows of a node between passes (memory only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Track {
+    pub up: bool,
+    /// When the node entered its current state, ms.
+    pub since_ms: u64,
+    pub flapping: bool,
+}
+
+/// Follows one node's state; returns the new track. Pure (unit-tested).
+pub fn track(prev: Option<Track>, up: bool, now_ms: u64, out_after: Duration) -> Track {
+    let window = out_after.as_millis() as u64;
+    match prev {
+        None => Track {
+            up,
+            since_ms: now_ms,
+            flapping: false,
+        },
+        Some(t) if t.up == up => Track {
+            flapping: t.flapping && !(up && now_ms.saturating_sub(t.since_ms) >= window),
+            ..t
+        },
+        Some(t) => Track {
+            up,
+            since_ms: now_ms,
+            // Going down after a short stay up: flapping.
+            flapping: t.flapping || (!up && now_ms.saturating_sub(t.since_ms) < window),
+        },
+    }
+}
+
+/// Whether a node silent for `silent_ms` is out (its replicas get re-homed).
+pub fn is_out(silent_ms: u64, flapping: bool, down_after: Duration, out_after: Duration) -> bool {
+    let o = out_after.as_millis() as u64;
+    silent_ms >= down_after.as_millis() as u64 + if flapping { 2 * o } else { o }
+}
+
+/// A node as the planner sees it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub zone: String,
+    pub up: bool,
+    pub out: bool,
+}
+
+/// One re-homing: member `member` of set `set` of volume `volume` moves to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub volume: String,
+    pub set: usize,
+    pub member: usize,
+    pub from: String,
+    pub to: String,
+    /// In-service replicas on up nodes before the move (the risk: fewer = first).
+    pub good: usize,
+}
+
+/// Plans this pass's re-homings (pure: unit-tested). `budget` is how many may start.
+pub fn plan(
+    volumes: &[api::Volume],
+    nodes: &HashMap<String, NodeView>,
+    candidates: &[crate::placement::Candidate],
+    budget: usize,
+) -> Vec<Move> {
+    let mut want: Vec<(usize, &api::Volume, usize, usize)> = Vec::new();
+    for v in volumes {
+        for (s, set) in v.sets.iter().enumerate() {
+            let good = set
+                .members
+                .iter()
+                .filter(|m| m.in_service && nodes.get(&m.node).is_some_and(|n| n.up))
+                .count();
+            let in_service = set.members.iter().filter(|m| m.in_service).count();
+            for (i, m) in set.members.iter().enumerate() {
+                let lost = nodes.get(&m.node).is_none_or(|n| n.out);
+                if !lost {
+                    continue;
+                }
+                if m.in_service && in_service < 2 {
+                    continue; // the last known good copy stays recorded
+                }
+                want.push((good, v, s, i));
+            }
+        }
+    }
+    want.sort_by(|a, b| (a.0, &a.1.name, a.2).cmp(&(b.0, &b.1.name, b.2)));
+    let mut out: Vec<Move> = Vec::new();
+    for (good, v, s, i) in want {
+        if out.len() >= budget {
+            break;
+        }
+        let set = &v.sets[s];
+        // Nodes already in the set (counting earlier moves of this pass).
+        let mut exclude: Vec<String> = set.members.iter().map(|m| m.node.clone()).collect();
+        let mut zones: Vec<String> = Vec::new();
+        for (j, m) in set.members.iter().enumerate() {
+            let node = out
+                .iter()
+                .find(|x| x.volume == v.name && x.set == s && x.member == j)
+                .map(|x| x.to.clone())
+                .unwrap_or_else(|| m.node.clone());
+            if j != i {
+                if let Some(n) = nodes.get(&node) {
+                    zones.push(n.zone.clone());
+                }
+            }
+            exclude.push(node);
+        }
+        match crate::placement::replace(v.id, s as u64, candidates, &exclude, &zones) {
+            Some(to) => out.push(Move {
+                volume: v.name.clone(),
+                set: s,
+                member: i,
+                from: set.members[i].node.clone(),
+                to,
+                good,
+            }),
+            None => {
+                tracing::debug!(volume = %v.name, set = s, "no node left to re-home a replica to")
+            }
+        }
+    }
+    out
+}
+
+/// Memory-only recovery state in the manager.
+#[derive(Default)]
+pub struct RecoveryLive {
+    tracks: Mutex<HashMap<String, Track>>,
+    /// Last counter reported by each node.
+    reported: Mutex<HashMap<String, u64>>,
+    copied: AtomicU64,
+    /// (ms, copied) samples of the last 10 s, for the rate.
+    samples: Mutex<VecDeque<(u64, u64)>>,
+    replaced: AtomicU64,
+    /// Nodes out at the last pass.
+    out: Mutex<Vec<String>>,
+}
+
+const RATE_WINDOW_MS: u64 = 10_000;
+
+/// The controller task: one pass per second until shutdown.
+pub async fn controller(app: Arc<App>) {
+    let mut stop = app.stopping.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = pass(&app).await {
+            tracing::warn!(error = %e, "re-replication pass failed; retrying");
+        }
+    }
+}
+
+fn err(e: crate::server::Error) -> String {
+    let r = axum::response::IntoResponse::into_response(e);
+    format!("status {}", r.status())
+}
+
+/// One controller pass; returns how many replicas were re-homed.
+pub async fn pass(app: &App) -> Result<usize, String> {
+    let _g = app.mutate.lock().await;
+    let now = crate::server::now_ms();
+    let (_, node_items) = app.store.list(Kind::Node).map_err(|e| e.to_string())?;
+    let mut views = HashMap::new();
+    let mut out_now = Vec::new();
+    {
+        let live = app.live.lock().unwrap();
+        let mut tracks = app.recovery.tracks.lock().unwrap();
+        for (name, b) in &node_items {
+            let n: api::Node = decode(b).map_err(err)?;
+            let hb = live
+                .get(name)
+                .map(|l| l.last_heartbeat_ms)
+                .unwrap_or(0)
+                .max(app.started_ms);
+            let up = crate::server::node_state(
+                live.get(name).map(|l| l.last_heartbeat_ms),
+                now,
+                app.cfg.down_after,
+            ) == api::NodeState::Up;
+            let t = track(tracks.get(name).copied(), up, now, app.cfg.out_after);
+            if let Some(p) = tracks.get(name) {
+                if !p.flapping && t.flapping {
+                    tracing::warn!(node = %name, "node is flapping: its replicas move only after twice out_after of silence");
+                }
+            }
+            tracks.insert(name.clone(), t);
+            let out = !up
+                && is_out(
+                    now.saturating_sub(hb),
+                    t.flapping,
+                    app.cfg.down_after,
+                    app.cfg.out_after,
+                );
+            if out {
+                out_now.push(name.clone());
+            }
+            views.insert(
+                name.clone(),
+                NodeView {
+                    zone: n.zone,
+                    up,
+                    out,
+                },
+            );
+        }
+    }
+    *app.recovery.out.lock().unwrap() = out_now;
+    let (_, vol_items) = app.store.list(Kind::Volume).map_err(|e| e.to_string())?;
+    let mut vols = Vec::new();
+    let mut raw = HashMap::new();
+    for (name, b) in vol_items {
+        vols.push(decode::<api::Volume>(&b).map_err(err)?);
+        raw.insert(name, b);
+    }
+    let syncing = vols
+        .iter()
+        .flat_map(|v| v.sets.iter().flat_map(|s| s.members.iter()))
+        .filter(|m| !m.in_service && views.get(&m.node).is_some_and(|n| n.up))
+        .count();
+    let budget = MAX_SYNCING.saturating_sub(syncing);
+    if budget == 0 {
+        return Ok(0);
+    }
+    let (_, ds) = crate::server::disks(app).map_err(err)?;
+    let candidates = crate::server::placement_candidates(app, &ds).map_err(err)?;
+    let moves = plan(&vols, &views, &candidates, budget);
+    let mut done = 0;
+    let mut by_vol: BTreeMap<&str, Vec<&Move>> = BTreeMap::new();
+    for m in &moves {
+        by_vol.entry(&m.volume).or_default().push(m);
+    }
+    for (name, ms) in by_vol {
+        let Some(mut v) = vols.iter().find(|v| v.name == name).cloned() else {
+            continue;
+        };
+        for m in &ms {
+            v.sets[m.set].members[m.member] = api::Member {
+                node: m.to.clone(),
+                in_service: false,
+            };
+        }
+        // Durable before any data goes to the new members (see the module docs).
+        let rev = app
+            .store
+            .commit(
+                &[Cond::Equals(
+                    Kind::Volume,
+                    name.to_string(),
+                    raw.get(name).cloned(),
+                )],
+                &[Op::Put(Kind::Volume, name.to_string(), encode(&v))],
+            )
+            .map_err(|e| e.to_string())?;
+        app.volume_rev.send_replace(rev);
+        for m in ms {
+            tracing::info!(volume = %m.volume, set = m.set, from = %m.from, to = %m.to, good_copies = m.good, "replica re-homed: recorded syncing, the lease holder copies it");
+            done += 1;
+        }
+    }
+    app.recovery
+        .replaced
+        .fetch_add(done as u64, Ordering::Relaxed);
+    Ok(done)
+}
+
+/// Bytes of a volume's set `s` (its chunks `s, s + n, s + 2n, …`).
+fn set_bytes(v: &api::Volume, s: usize) -> u64 {
+    let n = v.sets.len().max(1) as u64;
+    let cs = v.chunk_size.max(1);
+    let chunks = v.size.div_ceil(cs);
+    let mine = chunks / n + u64::from((s as u64) < chunks % n);
+    (mine * cs).min(v.size)
+}
+
+/// The recovery document (also behind the metrics).
+pub fn document(app: &App) -> ApiResult<api::Recovery> {
+    let (_, node_items) = app.store.list(Kind::Node)?;
+    let mut up_nodes = Vec::new();
+    let (mut up, mut down) = (0, 0);
+    for (_, b) in &node_items {
+        let n = crate::server::with_liveness(app, decode::<api::Node>(b)?);
+        if n.state == api::NodeState::Up {
+            up += 1;
+            up_nodes.push(n.name);
+        } else {
+            down += 1;
+        }
+    }
+    let (_, vol_items) = app.store.list(Kind::Volume)?;
+    let mut volumes = Vec::new();
+    let (mut degraded, mut syncing, mut left) = (0u64, 0u64, 0u64);
+    for (_, b) in &vol_items {
+        let v: api::Volume = decode(b)?;
+        let mut vr = api::VolumeRecovery {
+            name: v.name.clone(),
+            sets: v.sets.len() as u64,
+            degraded_sets: 0,
+            in_progress: 0,
+            bytes_left: 0,
+        };
+        for (s, set) in v.sets.iter().enumerate() {
+            let ins = set.members.iter().filter(|m| m.in_service).count();
+            if ins < v.replicas as usize {
+                vr.degraded_sets += 1;
+            }
+            let sy = set
+                .members
+                .iter()
+                .filter(|m| !m.in_service && up_nodes.contains(&m.node))
+                .count() as u64;
+            if sy > 0 {
+                vr.in_progress += 1;
+                syncing += sy;
+                vr.bytes_left += sy * set_bytes(&v, s);
+            }
+        }
+        degraded += vr.degraded_sets;
+        left += vr.bytes_left;
+        volumes.push(vr);
+    }
+    let rate = rate(app, crate::server::now_ms());
+    Ok(api::Recovery {
+        nodes_up: up,
+        nodes_down: down,
+        nodes_out: app.recovery.out.lock().unwrap().clone(),
+        degraded_sets: degraded,
+        syncing_replicas: syncing,
+        bytes_left: left,
+        bytes_copied: app.recovery.copied.load(Ordering::Relaxed),
+        rate,
+        eta_s: (rate > 0.0 && left > 0).then(|| left as f64 / rate),
+        replaced: app.recovery.replaced.load(Ordering::Relaxed),
+        volumes,
+    })
+}
+
+fn rate(app: &App, now: u64) -> f64 {
+    let s = app.recovery.samples.lock().unwrap();
+    let cur = app.recovery.copied.load(Ordering::Relaxed);
+    match s
+        .iter()
+        .find(|(t, _)| now.saturating_sub(*t) <= RATE_WINDOW_MS)
+    {
+        Some((t, c)) if now > *t => cur.saturating_sub(*c) as f64 * 1000.0 / (now - t) as f64,
+        _ => 0.0,
+    }
+}
+
+pub async fn get_recovery(State(app): State<Arc<App>>) -> ApiResult<Json<api::Recovery>> {
+    Ok(Json(document(&app)?))
+}
+
+/// `PUT /v1/recovery/progress/{node}`: a blockd's copy counter.
+pub async fn report_progress(
+    State(app): State<Arc<App>>,
+    crate::server::Name(name): crate::server::Name,
+    crate::server::Body(p): crate::server::Body<api::RecoveryProgress>,
+) -> ApiResult<StatusCode> {
+    crate::server::validate_node_name(&name)?;
+    if app.store.get(Kind::Node, &name)?.is_none() {
+        return Err(crate::server::not_found(format!(
+            "node {name} is not registered"
+        )));
+    }
+    let now = crate::server::now_ms();
+    let delta = {
+        let mut r = app.recovery.reported.lock().unwrap();
+        let prev = r.insert(name, p.copied_bytes).unwrap_or(0);
+        if p.copied_bytes >= prev {
+            p.copied_bytes - prev
+        } else {
+            p.copied_bytes // the daemon restarted: its counter began again
+        }
+    };
+    let mut s = app.recovery.samples.lock().unwrap();
+    let before = app.recovery.copied.fetch_add(delta, Ordering::Relaxed);
+    if s.is_empty() {
+        s.push_back((now, before));
+    }
+    s.push_back((now, before + delta));
+    while s
+        .front()
+        .is_some_and(|(t, _)| now.saturating_sub(*t) > RATE_WINDOW_MS)
+    {
+        s.pop_front();
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub fn render_metrics(app: &App, out: &mut String) {
+    use std::fmt::Write;
+    let Ok(d) = document(app) else { return };
+    for (name, help, kind, v) in [
+        (
+            "recovery_degraded_sets",
+            "Chunk sets with fewer in-service replicas than wanted",
+            "gauge",
+            d.degraded_sets as f64,
+        ),
+        (
+            "recovery_syncing_replicas",
+            "Replicas being copied to",
+            "gauge",
+            d.syncing_replicas as f64,
+        ),
+        (
+            "recovery_bytes_left",
+            "Upper bound of the bytes still to copy",
+            "gauge",
+            d.bytes_left as f64,
+        ),
+        (
+            "recovery_bytes_copied_total",
+            "Bytes the blockds reported copied (re-replication and resync)",
+            "counter",
+            d.bytes_copied as f64,
+        ),
+        (
+            "recovery_rate_bytes",
+            "Copy rate over the last 10 s, bytes per second",
+            "gauge",
+            d.rate,
+        ),
+        (
+            "recovery_replicas_replaced_total",
+            "Replicas re-homed to a new node",
+            "counter",
+            d.replaced as f64,
+        ),
+        (
+            "recovery_nodes_out",
+            "Nodes silent past out_after",
+            "gauge",
+            d.nodes_out.len() as f64,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP volume_mgr_{name} {help}.\n# TYPE volume_mgr_{name} {kind}\nvolume_mgr_{name} {v}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::Candidate;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn out_after_and_flap_damping() {
+        let o = 10 * S;
+        let d = 2 * S;
+        assert!(!is_out(11_999, false, d, o));
+        assert!(is_out(12_000, false, d, o));
+        assert!(!is_out(12_000, true, d, o));
+        assert!(is_out(22_000, true, d, o));
+        // Up for a long time, then down: not flapping.
+        let t = track(None, true, 0, o);
+        let t = track(Some(t), false, 60_000, o);
+        assert!(!t.flapping);
+        // Back at 61 s, down again at 65 s (up 4 s < 10 s): flapping.
+        let t = track(Some(t), true, 61_000, o);
+        let t = track(Some(t), false, 65_000, o);
+        assert!(t.flapping && !t.up);
+        // Stays flapping while down; back up, stays flapping until up for out_after.
+        let t = track(Some(t), false, 100_000, o);
+        assert!(t.flapping);
+        let t = track(Some(t), true, 101_000, o);
+        let t = track(Some(t), true, 105_000, o);
+        assert!(t.flapping);
+        let t = track(Some(t), true, 111_000, o);
+        assert!(!t.flapping);
+    }
+
+    fn vol(name: &str, sets: Vec<Vec<(&str, bool)>>) -> api::Volume {
+        api::Volume {
+            name: name.into(),
+            id: 7,
+            size: 64 << 20,
+            chunk_size: api::DEFAULT_CHUNK_SIZE,
+            replicas: 3,
+            min_replicas: 2,
+            sets: sets
+                .into_iter()
+                .map(|ms| api::ChunkSet {
+                    members: ms
+                        .into_iter()
+                        .map(|(n, i)| api::Member {
+                            node: n.into(),
+                            in_service: i,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            created_ms: 0,
+        }
+    }
+
+    fn views(up: &[&str], out: &[&str]) -> HashMap<String, NodeView> {
+        up.iter()
+            .map(|n| (n, true, false))
+            .chain(out.iter().map(|n| (n, false, true)))
+            .map(|(n, u, o)| {
+                (
+                    n.to_string(),
+                    NodeView {
+                        zone: n.to_string(),
+                        up: u,
+                        out: o,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn cands(names: &[&str]) -> Vec<Candidate> {
+        names
+            .iter()
+            .map(|n| Candidate {
+                name: n.to_string(),
+                zone: n.to_string(),
+                weight: 1.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plans_highest_risk_first_and_keeps_the_last_copy() {
+        let v = vol(
+            "v",
+            vec![
+                vec![("a", true), ("b", true), ("c", false)], // one lost, 2 good
+                vec![("a", true), ("c", false), ("d", false)], // c lost, d down not out
+                vec![("c", true), ("b", false), ("d", false)], // c is the last good copy
+            ],
+        );
+        let mut nodes = views(&["a", "b", "e"], &["c"]);
+        nodes.insert(
+            "d".into(),
+            NodeView {
+                zone: "d".into(),
+                up: false,
+                out: false,
+            },
+        );
+        let c = cands(&["a", "b", "e"]);
+        let p = plan(std::slice::from_ref(&v), &nodes, &c, 8);
+        assert_eq!(p.len(), 2, "{p:?}");
+        // Set 1 has one good copy: first.
+        assert_eq!((p[0].set, p[0].member, p[0].good), (1, 1, 1));
+        assert_eq!(p[0].to, "b"); // a and d are in the set; b or e, never a
+        assert_eq!((p[1].set, p[1].member, p[1].good), (0, 2, 2));
+        assert_eq!(p[1].to, "e");
+        // The budget limits a pass, the riskiest first.
+        let p1 = plan(std::slice::from_ref(&v), &nodes, &c, 1);
+        assert_eq!(p1, p[..1].to_vec());
+        // An in-service member on an out node is re-homed when another copy is in service.
+        let v2 = vol("w", vec![vec![("a", true), ("b", true), ("c", true)]]);
+        let p = plan(&[v2], &nodes, &c, 8);
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].from.as_str(), p[0].to.as_str()), ("c", "e"));
+        // An unregistered node counts as lost; no node left: nothing planned.
+        let v3 = vol("x", vec![vec![("a", true), ("b", true), ("gone", false)]]);
+        let p = plan(&[v3], &nodes, &cands(&["a", "b"]), 8);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn two_losses_in_one_set_get_distinct_nodes() {
+        let v = vol("v", vec![vec![("a", true), ("c", false), ("d", false)]]);
+        let nodes = views(&["a", "b", "e"], &["c", "d"]);
+        let p = plan(&[v], &nodes, &cands(&["a", "b", "e"]), 8);
+        assert_eq!(p.len(), 2);
+        assert_ne!(p[0].to, p[1].to);
+        assert!(p.iter().all(|m| m.to != "a"));
+    }
+
+    #[test]
+    fn set_bytes_cover_the_volume() {
+        let mut v = vol("v", vec![vec![]; 3]);
+        v.size = 10 * api::DEFAULT_CHUNK_SIZE;
+        let total: u64 = (0..3).map(|s| set_bytes(&v, s)).sum();
+        assert_eq!(total, v.size);
+        assert_eq!(set_bytes(&v, 0), 4 * api::DEFAULT_CHUNK_SIZE);
+    }
+}
