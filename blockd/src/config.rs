@@ -24,6 +24,7 @@ pub struct FileConfig {
     pub secret_file: Option<PathBuf>,
     pub replica_timeout: Option<String>,
     pub min_replicas_wait: Option<String>,
+    pub recovery_bandwidth: Option<String>,
 }
 
 /// The validated configuration blockd runs with.
@@ -50,6 +51,9 @@ pub struct Config {
     pub replica_timeout: Duration,
     /// How long I/O waits for `min_replicas` in-service replicas before failing with EIO.
     pub min_replicas_wait: Duration,
+    /// Bytes per second this daemon's background copies (resync, re-replication) may move;
+    /// 0 = unlimited.
+    pub recovery_bandwidth: u64,
 }
 
 /// Default async workers: half the CPUs (at least one). One worker per connection's tasks
@@ -95,6 +99,7 @@ impl FileConfig {
             secret_file: flags.secret_file.or(self.secret_file),
             replica_timeout: flags.replica_timeout.or(self.replica_timeout),
             min_replicas_wait: flags.min_replicas_wait.or(self.min_replicas_wait),
+            recovery_bandwidth: flags.recovery_bandwidth.or(self.recovery_bandwidth),
         }
     }
 
@@ -180,7 +185,11 @@ impl FileConfig {
         if replica_timeout.is_zero() {
             return Err("replica-timeout must be positive".into());
         }
+        let recovery_bandwidth = crate::throttle::parse_bandwidth(
+            self.recovery_bandwidth.as_deref().unwrap_or("100MiB/s"),
+        )?;
         Ok(Config {
+            recovery_bandwidth,
             secret,
             replica_timeout,
             min_replicas_wait,
@@ -216,6 +225,7 @@ mod tests {
         assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(c.manager, vec!["http://127.0.0.1:7700".to_string()]);
         assert_eq!(c.listen, "127.0.0.1:7800".parse().unwrap());
+        assert_eq!(c.recovery_bandwidth, 100 << 20);
     }
 
     #[test]
@@ -259,5 +269,12 @@ mod tests {
         .resolve()
         .is_err());
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(FileConfig {
+            recovery_bandwidth: Some("quick".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap_err()
+        .contains("recovery-bandwidth"));
     }
 }

@@ -53,6 +53,7 @@ pub async fn run(
             replica_timeout: cfg.replica_timeout,
             min_replicas_wait: cfg.min_replicas_wait,
             secret: cfg.secret.clone(),
+            recovery_bandwidth: cfg.recovery_bandwidth,
         },
         client.clone(),
         service.clone(),
@@ -166,6 +167,7 @@ pub async fn run(
         store.clone(),
     ));
     agents.spawn(agent::watch_loop(client.clone(), catalog.clone(), verified));
+    agents.spawn(gateway::report_progress(gw.clone()));
 
     shutdown.await;
     tracing::info!("blockd stopping");

@@ -48,6 +48,8 @@ pub struct GatewayConfig {
     pub min_replicas_wait: Duration,
     /// The cluster secret for the replica protocol (None: only the local replica works).
     pub secret: Option<Vec<u8>>,
+    /// Bytes per second of background copies (resync and re-replication); 0 = unlimited.
+    pub recovery_bandwidth: u64,
 }
 
 #[derive(Default)]
@@ -341,6 +343,8 @@ pub struct Ctx {
     pub local: Arc<ReplicaService>,
     peers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PeerSlot>>>>,
     pub metrics: GatewayMetrics,
+    /// `--recovery-bandwidth`: every background copy of this daemon takes from it.
+    pub throttle: crate::throttle::Throttle,
 }
 
 /// A connection attempt that failed is not retried for this long (the background resync
@@ -350,6 +354,7 @@ const RECONNECT_AFTER: Duration = Duration::from_millis(1000);
 impl Ctx {
     pub fn new(cfg: GatewayConfig, client: Client, local: Arc<ReplicaService>) -> Arc<Ctx> {
         Arc::new(Ctx {
+            throttle: crate::throttle::Throttle::new(cfg.recovery_bandwidth),
             cfg,
             client,
             local,
@@ -450,6 +455,9 @@ pub struct Attached {
     fenced: AtomicBool,
     closed: AtomicBool,
     marking: Mutex<BTreeSet<String>>,
+    /// Bumped by every record this gateway applies from its own updates: a polled record
+    /// read before one of those is older and is dropped.
+    record_gen: AtomicU64,
 }
 
 fn chunk_of(id: u64, index: u64) -> Chunk {
@@ -536,6 +544,7 @@ impl Attached {
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             marking: Mutex::new(BTreeSet::new()),
+            record_gen: AtomicU64::new(0),
         });
         let max_version = att.converge().await?;
         att.seq
@@ -772,6 +781,11 @@ impl Attached {
                         this.fence();
                         break;
                     }
+                    Err(ClientError::Api { code, .. }) if code == "invalid_argument" => {
+                        // The manager re-homed its replicas meanwhile: nothing to record.
+                        tracing::info!(volume = %this.name, replica = %node, "replica no longer in the volume's record");
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!(volume = %this.name, replica = %node, error = %e, "cannot record replica out of service yet; retrying");
                         tokio::time::sleep(delay).await;
@@ -785,6 +799,7 @@ impl Attached {
     }
 
     fn apply_record(&self, v: &api::Volume) {
+        self.record_gen.fetch_add(1, Ordering::AcqRel);
         let mut sets = self.sets.lock().unwrap();
         for (s, rec) in sets.iter_mut().zip(&v.sets) {
             for m in s.iter_mut() {
@@ -795,6 +810,65 @@ impl Attached {
         }
         drop(sets);
         self.changed.notify_waiters();
+    }
+
+    /// Follows membership changes the manager made (re-replication): a member that left the
+    /// record is dropped (no more writes or reads go to it); a new member, recorded out of
+    /// service, starts as one to resynchronise, so the resync loop mirrors writes to it from
+    /// a barrier on, copies the chunks that differ by version and digest, and only then
+    /// records it in service (see `resync_sets`). Returns whether anything changed.
+    pub fn sync_record(&self, v: &api::Volume) -> bool {
+        if v.id != self.id || v.sets.len() as u64 != self.nsets {
+            return false;
+        }
+        let mut changed = false;
+        let mut sets = self.sets.lock().unwrap();
+        for (s, (cur, rec)) in sets.iter_mut().zip(&v.sets).enumerate() {
+            let mut next = Vec::with_capacity(rec.members.len());
+            for r in &rec.members {
+                match cur.iter().find(|m| m.node == r.node) {
+                    Some(m) => {
+                        let mut m = m.clone();
+                        changed |= m.record_in != r.in_service;
+                        m.record_in = r.in_service;
+                        next.push(m);
+                    }
+                    None => {
+                        changed = true;
+                        tracing::info!(volume = %self.name, set = s, replica = %r.node, "new replica in the volume's record: copying to it before it serves");
+                        next.push(Member {
+                            node: r.node.clone(),
+                            record_in: r.in_service,
+                            st: if r.in_service { St::Ok } else { St::Failed },
+                        });
+                    }
+                }
+            }
+            for m in cur
+                .iter()
+                .filter(|m| !next.iter().any(|n| n.node == m.node))
+            {
+                changed = true;
+                tracing::info!(volume = %self.name, set = s, replica = %m.node, "replica left the volume's record (re-homed)");
+            }
+            *cur = next;
+        }
+        drop(sets);
+        if changed {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    /// Reads the volume's record and applies membership changes (dropped when one of this
+    /// gateway's own updates landed meanwhile: the read may predate it).
+    async fn refresh_record(&self) {
+        let gen = self.record_gen.load(Ordering::Acquire);
+        if let Ok(v) = self.ctx.client.get_volume(&self.name).await {
+            if self.record_gen.load(Ordering::Acquire) == gen {
+                self.sync_record(&v);
+            }
+        }
     }
 
     /// Whether this host's replica of chunk `idx` is an up-to-date one.
@@ -1246,8 +1320,18 @@ impl Attached {
                 if !still {
                     return Err("replica state changed during resync".into());
                 }
+                let before = self.ctx.metrics.resync_bytes.load(Ordering::Relaxed);
                 self.copy_chunk(idx, &src, &[node]).await?;
                 copied += 1;
+                drop(_g);
+                // Throttled outside the chunk's lock (writes to it do not wait for it).
+                let n = self
+                    .ctx
+                    .metrics
+                    .resync_bytes
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(before);
+                self.ctx.throttle.take(n).await;
             }
         }
         target
@@ -1305,11 +1389,16 @@ impl Attached {
 
 /// Background: every second, try to bring out-of-service replicas back.
 async fn resync_loop(w: Weak<Attached>) {
+    let mut tick = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let Some(a) = w.upgrade() else { return };
         if a.is_fenced() || a.closed.load(Ordering::Acquire) {
             return;
+        }
+        tick += 1;
+        if tick.is_multiple_of(2) {
+            a.refresh_record().await;
         }
         // Failed members still recorded in service whose marking ended (last copies).
         let stuck: BTreeSet<String> = {
@@ -1332,6 +1421,23 @@ async fn resync_loop(w: Weak<Attached>) {
             if a.ctx.replica(&n).await.is_ok() {
                 let _ = a.resync_node(&n).await;
             }
+        }
+    }
+}
+
+/// Reports this daemon's copy counter (`resync_bytes`) to volume-mgr once a second while it
+/// moves (for `GET /v1/recovery` and `fabctl status`).
+pub async fn report_progress(ctx: Arc<Ctx>) {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let n = ctx.metrics.resync_bytes.load(Ordering::Relaxed);
+        if last == Some(n) {
+            continue;
+        }
+        match ctx.client.report_recovery(&ctx.cfg.node, n).await {
+            Ok(()) => last = Some(n),
+            Err(e) => tracing::debug!(error = %e, "cannot report copy progress"),
         }
     }
 }

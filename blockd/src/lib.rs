@@ -11,5 +11,6 @@ pub mod gateway;
 pub mod nbdgw;
 pub mod replica;
 pub mod sys;
+pub mod throttle;
 pub mod uring;
 pub mod volume;

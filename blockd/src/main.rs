@@ -50,6 +50,10 @@ struct Args {
     /// How long I/O waits for min_replicas in-service replicas before EIO (default 30s).
     #[arg(long)]
     min_replicas_wait: Option<String>,
+    /// Bandwidth of background copies (resync, re-replication), e.g. 100MiB/s; 0 = unlimited
+    /// (default 100MiB/s).
+    #[arg(long)]
+    recovery_bandwidth: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +85,7 @@ fn main() -> std::process::ExitCode {
         secret_file: args.secret_file,
         replica_timeout: args.replica_timeout,
         min_replicas_wait: args.min_replicas_wait,
+        recovery_bandwidth: args.recovery_bandwidth,
     };
     let cfg = match file.overlay(flags).resolve() {
         Ok(c) => c,

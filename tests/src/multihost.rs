@@ -85,6 +85,29 @@ impl Cluster {
         });
     }
 
+    /// Restarts volume-mgr (SIGKILL, same state) with `extra` flags after the usual ones
+    /// (e.g. `--out-after 5s`) and waits until it answers and every host is up again.
+    pub fn restart_manager_with(&mut self, extra: &[&str]) {
+        self.manager.take();
+        let h = &self.net.hosts[0];
+        let p = Proc::spawn(
+            "volume-mgr",
+            h.command(bin("volume-mgr"))
+                .args(["--listen", &format!("{}:7700", h.addr)])
+                .arg("--data-dir")
+                .arg(self.dir.path().join("manager"))
+                .args(["--down-after", "2s"])
+                .args(extra)
+                .stdout(self.log("volume-mgr"))
+                .stderr(self.log("volume-mgr")),
+        );
+        self.manager = Some(p);
+        wait_for("volume-mgr", Duration::from_secs(20), || {
+            self.fabctl(&["node", "ls"]).0
+        });
+        self.wait_nodes_up();
+    }
+
     /// Path of host `i`'s NBD unix socket.
     pub fn socket(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("h{i}/nbd.sock"))

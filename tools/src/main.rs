@@ -2,6 +2,7 @@
 
 mod net;
 mod size;
+mod status;
 mod table;
 mod up;
 mod verify;
@@ -63,6 +64,8 @@ enum Cmd {
     /// Load-balanced virtual IPs (served by lb-vip) and their backends.
     #[command(subcommand)]
     Vip(vip::VipCmd),
+    /// Cluster health: nodes, degraded sets, recovery progress (--watch follows it).
+    Status(status::StatusArgs),
     /// Run the single-host all-in-one (volume-mgr + blockd) until Ctrl-C.
     Up(up::UpArgs),
 }
@@ -232,6 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Port(c) => net::port(&client, c, json).await?,
         Cmd::Switch(c) => net::switch(&client, c, json).await?,
         Cmd::Vip(c) => vip::vip(&client, c, json).await?,
+        Cmd::Status(a) => status::status(&client, a, json).await?,
         Cmd::Volume(VolumeCmd::Create {
             name,
             size,
