@@ -136,6 +136,7 @@ pub async fn watch_loop<L: VolumeLookup>(
     client: Client,
     catalog: Arc<VolumeCatalog<L>>,
     verified: tokio::sync::watch::Sender<bool>,
+    node: String,
 ) {
     let mut revision = 0u64;
     let mut failures = 0u32;
@@ -163,9 +164,10 @@ pub async fn watch_loop<L: VolumeLookup>(
             Ok(list) => {
                 failures = 0;
                 revision = list.revision;
-                let infos: Vec<VolumeInfo> = list
-                    .items
-                    .into_iter()
+                let vols = list.items;
+                let infos: Vec<VolumeInfo> = vols
+                    .iter()
+                    .cloned()
                     .map(|v| VolumeInfo {
                         name: v.name,
                         id: v.id,
@@ -192,6 +194,7 @@ pub async fn watch_loop<L: VolumeLookup>(
                         }
                     }
                 }
+                recovery_duties(&client, &catalog, &node, &vols).await;
             }
             Err(e) => {
                 failures += 1;
@@ -201,5 +204,190 @@ pub async fn watch_loop<L: VolumeLookup>(
                 tokio::time::sleep(Duration::from_millis((200 * failures as u64).min(2000))).await;
             }
         }
+    }
+}
+
+/// Sets of `v` this node may drop its chunks of: sets that no longer list it and whose
+/// record has all `replicas` members in service elsewhere (re-homed and copied; never the
+/// last copy). Pure (unit-tested).
+pub fn rehomed_sets(v: &api::Volume, me: &str) -> Vec<u64> {
+    v.sets
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            !s.members.iter().any(|m| m.node == me)
+                && s.members.iter().filter(|m| m.in_service).count() >= v.replicas.max(1) as usize
+        })
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// Whether this node should attach `v` to copy to its out-of-service replicas when no live
+/// gateway does: it holds the lease, or nobody does / the holder is down and this is the
+/// first (by name) up node with a replica out of service. Pure (unit-tested).
+pub fn should_drive(v: &api::Volume, me: &str, holder: Option<&str>, up: &[String]) -> bool {
+    let mut waiting: Vec<&str> = v
+        .sets
+        .iter()
+        .flat_map(|s| s.members.iter())
+        .filter(|m| !m.in_service && up.contains(&m.node))
+        .map(|m| m.node.as_str())
+        .collect();
+    if waiting.is_empty() {
+        return false;
+    }
+    waiting.sort_unstable();
+    match holder {
+        Some(h) if h == me => true,
+        Some(h) if up.iter().any(|u| u == h) => false,
+        _ => waiting[0] == me,
+    }
+}
+
+/// Re-replication duties of this node after a volume list change (and at least every 30 s,
+/// when the watch times out):
+/// - drop the chunks of sets re-homed away from this node, once a fresh read of the
+///   volume's record confirms they no longer list it and are fully in service elsewhere;
+/// - attach volumes that have replicas to copy to and no live gateway (see
+///   [`should_drive`]): the attachment's resync loop copies and records them in service.
+async fn recovery_duties<L: VolumeLookup>(
+    client: &Client,
+    catalog: &Arc<VolumeCatalog<L>>,
+    me: &str,
+    vols: &[api::Volume],
+) {
+    use crate::export::ExportCatalog;
+    for v in vols {
+        let nsets = v.sets.len() as u64;
+        if nsets == 0 || rehomed_sets(v, me).is_empty() {
+            continue;
+        }
+        let held = catalog.store().chunk_versions(v.id);
+        if !held
+            .iter()
+            .any(|(i, _)| rehomed_sets(v, me).contains(&(i % nsets)))
+        {
+            continue;
+        }
+        // The manager confirms: a fresh read, not the (possibly older) watch result.
+        let fresh = match client.get_volume(&v.name).await {
+            Ok(f) if f.id == v.id && f.sets.len() as u64 == nsets => f,
+            _ => continue,
+        };
+        let drop_sets = rehomed_sets(&fresh, me);
+        match catalog
+            .store()
+            .delete_chunks(v.id, |i| drop_sets.contains(&(i % nsets)))
+            .await
+        {
+            Ok(n) if n > 0 => {
+                tracing::info!(volume = %v.name, chunks = n, sets = ?drop_sets, "dropped chunks of sets re-homed to other nodes")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(volume = %v.name, error = %e, "dropping re-homed chunks failed")
+            }
+        }
+    }
+    let mut up: Option<Vec<String>> = None;
+    for v in vols {
+        let waiting = v
+            .sets
+            .iter()
+            .flat_map(|s| s.members.iter())
+            .any(|m| !m.in_service);
+        if !waiting {
+            continue;
+        }
+        if up.is_none() {
+            match client.list_nodes().await {
+                Ok(l) => {
+                    up = Some(
+                        l.items
+                            .into_iter()
+                            .filter(|n| n.state == api::NodeState::Up)
+                            .map(|n| n.name)
+                            .collect(),
+                    )
+                }
+                Err(_) => return,
+            }
+        }
+        let holder = match client.get_lease(&v.name).await {
+            Ok(l) => Some(l.holder),
+            Err(e) if e.is_not_found() => None,
+            Err(_) => continue,
+        };
+        if should_drive(v, me, holder.as_deref(), up.as_deref().unwrap_or(&[])) {
+            tracing::info!(volume = %v.name, "replicas to copy and no live gateway: attaching here to copy them");
+            if tokio::time::timeout(Duration::from_secs(30), catalog.open(&v.name))
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                tracing::warn!(volume = %v.name, "cannot attach to copy replicas; retrying later");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+
+    fn vol(sets: Vec<Vec<(&str, bool)>>) -> api::Volume {
+        api::Volume {
+            name: "v".into(),
+            id: 1,
+            size: 1 << 30,
+            chunk_size: api::DEFAULT_CHUNK_SIZE,
+            replicas: 2,
+            min_replicas: 1,
+            sets: sets
+                .into_iter()
+                .map(|ms| api::ChunkSet {
+                    members: ms
+                        .into_iter()
+                        .map(|(n, i)| api::Member {
+                            node: n.into(),
+                            in_service: i,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn drops_only_fully_rehomed_sets() {
+        let v = vol(vec![
+            vec![("a", true), ("b", true)],  // mine? no: fully elsewhere -> drop
+            vec![("a", true), ("me", true)], // lists me
+            vec![("a", true), ("c", false)], // still copying: keep
+        ]);
+        assert_eq!(rehomed_sets(&v, "me"), vec![0]);
+        assert_eq!(rehomed_sets(&v, "c"), vec![0, 1]);
+    }
+
+    #[test]
+    fn one_driver() {
+        let v = vol(vec![
+            vec![("a", true), ("c", false)],
+            vec![("b", false), ("a", true)],
+        ]);
+        let up: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        // The holder drives when it is up; nobody else.
+        assert!(should_drive(&v, "a", Some("a"), &up));
+        assert!(!should_drive(&v, "b", Some("a"), &up));
+        // Holder down or no lease: the first waiting node by name.
+        let up2: Vec<String> = ["b", "c"].iter().map(|s| s.to_string()).collect();
+        assert!(should_drive(&v, "b", Some("a"), &up2));
+        assert!(!should_drive(&v, "c", Some("a"), &up2));
+        assert!(should_drive(&v, "b", None, &up));
+        // Nothing to copy to (waiting nodes down): nobody.
+        let v2 = vol(vec![vec![("a", true), ("c", false)]]);
+        assert!(!should_drive(&v2, "a", Some("a"), &["a".to_string()]));
     }
 }

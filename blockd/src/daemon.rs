@@ -166,7 +166,12 @@ pub async fn run(
         client.clone(),
         store.clone(),
     ));
-    agents.spawn(agent::watch_loop(client.clone(), catalog.clone(), verified));
+    agents.spawn(agent::watch_loop(
+        client.clone(),
+        catalog.clone(),
+        verified,
+        cfg.node.clone(),
+    ));
     agents.spawn(gateway::report_progress(gw.clone()));
 
     shutdown.await;

@@ -78,6 +78,40 @@ fn sets(c: &Cluster) -> Vec<(usize, Vec<String>)> {
         .unwrap_or_default()
 }
 
+/// Waits (bounded) until every set has 3 in-service members and none on `gone`.
+fn wait_rehomed(c: &Cluster, gone: &str, limit: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let s = sets(c);
+        if !s.is_empty()
+            && s.iter()
+                .all(|(i, n)| *i == 3 && n.len() == 3 && !n.contains(&gone.to_string()))
+        {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "replicas not back to 3 without {gone} after {limit:?}: {s:?}\n{}\n{}",
+            c.fabctl(&["volume", "show", "vol"]).1,
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Bytes host `node`'s disks hold in chunks, as its heartbeat reports them.
+fn disk_used(c: &Cluster, node: &str) -> Option<u64> {
+    let v = c.json(&["disk", "ls"])?;
+    let items = v.as_array().or_else(|| v["items"].as_array())?;
+    Some(
+        items
+            .iter()
+            .filter(|d| d["node"] == node)
+            .filter_map(|d| d["used"].as_u64())
+            .sum(),
+    )
+}
+
 fn recovery(c: &Cluster) -> serde_json::Value {
     c.json(&["status"]).unwrap_or_default()
 }
@@ -197,4 +231,54 @@ fn quick_return_moves_only_the_delta() {
             format!("read -P 0x3c {} {}", 9 << 20, SIZE - (9 << 20)),
         ],
     );
+}
+
+#[test]
+fn detached_volume_is_rehomed_and_the_returning_host_drops_its_copies() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = cluster("5s");
+    write_all(&c, 0x5a);
+    // A restart forgets the attachment: no gateway serves the volume now (h1 still holds
+    // the lease and is up).
+    c.restart_node(1);
+    let before = sets(&c);
+    let h3_sets = before
+        .iter()
+        .filter(|(_, n)| n.contains(&"h3".to_string()))
+        .count();
+    assert!(h3_sets > 0, "{before:?}");
+    let used_before = disk_used(&c, "h3").unwrap_or(0);
+    assert!(used_before > 0, "h3 holds no chunk");
+    c.kill_node(3);
+    let took = wait_rehomed(&c, "h3", Duration::from_secs(60));
+    eprintln!("detached volume: redundancy restored {took:?} after the kill");
+    let (equal, out) = c.verify("vol");
+    assert!(equal, "replicas differ after re-replication:\n{out}");
+    // h3 comes back after its sets moved: it drops its chunks of them (all of them here).
+    c.restart_node(3);
+    let t = Instant::now();
+    loop {
+        let used = disk_used(&c, "h3");
+        if used == Some(0) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "h3 still holds {used:?} bytes (had {used_before}) 30 s after it returned\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "h3 dropped {used_before} bytes of re-homed chunks in {:?}",
+        t.elapsed()
+    );
+    read_check(
+        &c,
+        &(0..4)
+            .map(|i| format!("read -P 0x5a {} 16M", i * (16 << 20)))
+            .collect::<Vec<_>>(),
+    );
+    let (equal, out) = c.verify("vol");
+    assert!(equal, "{out}");
 }

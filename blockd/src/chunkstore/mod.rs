@@ -1195,9 +1195,23 @@ impl ChunkStore {
     /// Removes every chunk of a volume and gives its space back. In-flight I/O on those
     /// chunks finishes first; later I/O gets `Shutdown`.
     pub async fn delete_volume(&self, volume: u64) -> Result<u64, ExportError> {
+        self.delete_chunks(volume, |_| true).await
+    }
+
+    /// Removes the chunks of `volume` whose index `which` selects (re-homed replicas), as
+    /// [`ChunkStore::delete_volume`] does; returns how many went.
+    pub async fn delete_chunks(
+        &self,
+        volume: u64,
+        which: impl Fn(u64) -> bool,
+    ) -> Result<u64, ExportError> {
         let victims: Vec<Arc<Chunk>> = {
             let mut map = self.chunks.write().unwrap();
-            let keys: Vec<ChunkKey> = map.keys().filter(|k| k.volume == volume).copied().collect();
+            let keys: Vec<ChunkKey> = map
+                .keys()
+                .filter(|k| k.volume == volume && which(k.index))
+                .copied()
+                .collect();
             keys.iter().filter_map(|k| map.remove(k)).collect()
         };
         for c in &victims {
