@@ -282,3 +282,52 @@ fn detached_volume_is_rehomed_and_the_returning_host_drops_its_copies() {
     let (equal, out) = c.verify("vol");
     assert!(equal, "{out}");
 }
+
+#[test]
+fn recovery_bandwidth_limits_the_copy_rate() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    require("qemu-io");
+    let flags: Vec<&str> = FLAGS
+        .iter()
+        .copied()
+        .chain(["--recovery-bandwidth", "4MiB/s"])
+        .collect();
+    let mut c = Cluster::start(4, "1G", &flags);
+    c.restart_manager_with(&["--out-after", "3s"]);
+    c.fabctl_ok(&[
+        "volume",
+        "create",
+        "vol",
+        "--size",
+        "64M",
+        "--replicas",
+        "3",
+    ]);
+    write_all(&c, 0x11);
+    c.kill_node(3);
+    // From the first re-homing recorded to redundancy restored.
+    let t = Instant::now();
+    while recovery(&c)["replaced"].as_u64().unwrap_or(0) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    wait_rehomed(&c, "h3", Duration::from_secs(90));
+    let took = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(1500)); // the last progress report
+    let copied = recovery(&c)["bytes_copied"].as_u64().unwrap_or(0);
+    let rate = copied as f64 / took;
+    eprintln!(
+        "throttled copy: {copied} bytes in {took:.1} s = {:.2} MiB/s (limit 4 MiB/s, burst 4 MiB)",
+        rate / (1 << 20) as f64
+    );
+    assert!(copied >= 16 << 20, "too little copied: {copied}");
+    // The burst (4 MiB) may pass at once; the rest at no more than 4 MiB/s.
+    let floor = (copied - (4 << 20)) as f64 / (4 << 20) as f64;
+    assert!(
+        took >= floor * 0.95,
+        "copied {copied} bytes in {took:.1} s: faster than 4 MiB/s"
+    );
+    let (equal, out) = c.verify("vol");
+    assert!(equal, "{out}");
+}
