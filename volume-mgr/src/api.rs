@@ -807,7 +807,7 @@ pub struct Recovery {
     pub nodes_down: u32,
     /// Down nodes silent for longer than `out_after` (their sets are being re-homed).
     pub nodes_out: Vec<String>,
-    /// Chunk sets with fewer in-service replicas than the volume wants.
+    /// Chunk sets with fewer in-service replicas on up nodes than the volume wants.
     pub degraded_sets: u64,
     /// Replicas recorded but not in service yet on a node that is up (being copied to).
     pub syncing_replicas: u64,

@@ -351,7 +351,13 @@ pub fn document(app: &App) -> ApiResult<api::Recovery> {
             bytes_left: 0,
         };
         for (s, set) in v.sets.iter().enumerate() {
-            let ins = set.members.iter().filter(|m| m.in_service).count();
+            // Degraded: fewer good copies than wanted (a member recorded in service on a
+            // down node is not a good copy right now).
+            let ins = set
+                .members
+                .iter()
+                .filter(|m| m.in_service && up_nodes.contains(&m.node))
+                .count();
             if ins < v.replicas as usize {
                 vr.degraded_sets += 1;
             }
@@ -445,7 +451,7 @@ pub fn render_metrics(app: &App, out: &mut String) {
     for (name, help, kind, v) in [
         (
             "recovery_degraded_sets",
-            "Chunk sets with fewer in-service replicas than wanted",
+            "Chunk sets with fewer in-service replicas on up nodes than wanted",
             "gauge",
             d.degraded_sets as f64,
         ),
@@ -636,5 +642,205 @@ mod tests {
         let total: u64 = (0..3).map(|s| set_bytes(&v, s)).sum();
         assert_eq!(total, v.size);
         assert_eq!(set_bytes(&v, 0), 4 * api::DEFAULT_CHUNK_SIZE);
+    }
+
+    /// The controller in a real manager over HTTP: a node that stops heartbeating is re-homed
+    /// after down_after + out_after, at most MAX_SYNCING at a time, new members recorded out
+    /// of service; the recovery document, the metrics and the progress reports follow.
+    #[test]
+    fn rehoming_through_the_api() {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(rehoming_through_the_api_async());
+    }
+
+    async fn rehoming_through_the_api_async() {
+        use crate::client::Client;
+        let dir = tempfile::tempdir().unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let url = format!("http://{addr}");
+        let cfg = crate::Config {
+            listen: l.local_addr().unwrap().to_string(),
+            data_dir: dir.path().to_path_buf(),
+            down_after: Duration::from_millis(400),
+            out_after: Duration::from_millis(800),
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let srv = tokio::spawn(crate::serve(cfg, l, async move {
+            let _ = rx.await;
+        }));
+        let c = Client::new(vec![url]);
+        let disks = vec![api::DiskSpec {
+            path: "/d".into(),
+            capacity: 1 << 30,
+            used: 0,
+        }];
+        for i in 1..=4 {
+            c.register_node(
+                &format!("n{i}"),
+                &api::RegisterNode {
+                    address: format!("127.0.0.1:{}", 7800 + i),
+                    nbd_address: String::new(),
+                    nbd_socket: None,
+                    zone: None,
+                    disks: disks.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let v = c
+            .create_volume(&api::CreateVolume {
+                name: "vol".into(),
+                size: 64 << 20,
+                replicas: Some(3),
+                min_replicas: None,
+            })
+            .await
+            .unwrap();
+        let on_n3: Vec<usize> = (0..v.sets.len())
+            .filter(|s| v.sets[*s].members.iter().any(|m| m.node == "n3"))
+            .collect();
+        assert!(on_n3.len() > MAX_SYNCING, "{}", on_n3.len());
+        // n1, n2, n4 beat; n3 is silent from now on.
+        let hb = c.clone();
+        let beats = tokio::spawn(async move {
+            loop {
+                for n in ["n1", "n2", "n4"] {
+                    let _ = hb
+                        .heartbeat(
+                            n,
+                            &api::Heartbeat {
+                                disks: vec![api::DiskSpec {
+                                    path: "/d".into(),
+                                    capacity: 1 << 30,
+                                    used: 0,
+                                }],
+                            },
+                        )
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let t = std::time::Instant::now();
+        // Nothing moves before down_after + out_after (1.2 s).
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(c.get_volume("vol").await.unwrap(), v);
+        let syncing = |v: &api::Volume| -> Vec<(usize, String)> {
+            v.sets
+                .iter()
+                .enumerate()
+                .flat_map(|(s, set)| {
+                    set.members
+                        .iter()
+                        .filter(|m| !m.in_service)
+                        .map(move |m| (s, m.node.clone()))
+                })
+                .collect()
+        };
+        let first = loop {
+            let cur = c.get_volume("vol").await.unwrap();
+            if !syncing(&cur).is_empty() {
+                break cur;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "nothing re-homed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            t.elapsed() >= Duration::from_millis(1100),
+            "{:?}",
+            t.elapsed()
+        );
+        // One pass: MAX_SYNCING new members, recorded out of service, on nodes new to the set.
+        let sy = syncing(&first);
+        assert_eq!(sy.len(), MAX_SYNCING, "{sy:?}");
+        for (s, n) in &sy {
+            assert!(on_n3.contains(s));
+            let nodes: Vec<&str> = first.sets[*s]
+                .members
+                .iter()
+                .map(|m| m.node.as_str())
+                .collect();
+            assert!(!nodes.contains(&"n3") && nodes.len() == 3, "{nodes:?}");
+            assert_eq!(nodes.iter().filter(|x| **x == n).count(), 1);
+        }
+        let d = c.recovery().await.unwrap();
+        assert_eq!(d.nodes_out, vec!["n3".to_string()]);
+        assert_eq!(d.syncing_replicas, MAX_SYNCING as u64);
+        assert_eq!(d.degraded_sets, on_n3.len() as u64);
+        assert_eq!(d.bytes_left, MAX_SYNCING as u64 * (4 << 20));
+        assert_eq!(d.replaced, MAX_SYNCING as u64);
+        // Progress reports: a counter per node, a restart starts it again.
+        c.report_recovery("n1", 8 << 20).await.unwrap();
+        c.report_recovery("n1", 12 << 20).await.unwrap();
+        c.report_recovery("n2", 1 << 20).await.unwrap();
+        let d = c.recovery().await.unwrap();
+        assert_eq!(d.bytes_copied, 13 << 20);
+        assert!(d.rate > 0.0 && d.eta_s.is_some(), "{d:?}");
+        assert!(c
+            .report_recovery("nobody", 1)
+            .await
+            .unwrap_err()
+            .is_not_found());
+        // The lease holder records the copies done: the next pass re-homes the rest.
+        let lease = c.acquire_lease("vol", "n1").await.unwrap();
+        for (s, n) in &sy {
+            c.update_replicas(
+                "vol",
+                &api::ReplicaUpdate {
+                    epoch: lease.epoch,
+                    node: n.clone(),
+                    in_service: true,
+                    sets: Some(vec![*s as u32]),
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let t = std::time::Instant::now();
+        loop {
+            let cur = c.get_volume("vol").await.unwrap();
+            let left = syncing(&cur).len();
+            let on3 = cur
+                .sets
+                .iter()
+                .filter(|s| s.members.iter().any(|m| m.node == "n3"))
+                .count();
+            if on3 == 0 && left == on_n3.len() - MAX_SYNCING {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{cur:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let m = http_get(&addr, "/metrics").await;
+        assert!(
+            m.contains(&format!(
+                "volume_mgr_recovery_degraded_sets {}",
+                on_n3.len() - MAX_SYNCING
+            )),
+            "{m}"
+        );
+        assert!(
+            m.contains("volume_mgr_recovery_bytes_copied_total 13631488"),
+            "{m}"
+        );
+        beats.abort();
+        let _ = tx.send(());
+        let _ = srv.await;
+    }
+
+    /// A plain HTTP/1.0 GET (the body with the head).
+    async fn http_get(addr: &str, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
     }
 }
