@@ -223,9 +223,18 @@ pub fn rehomed_sets(v: &api::Volume, me: &str) -> Vec<u64> {
 }
 
 /// Whether this node should attach `v` to copy to its out-of-service replicas when no live
-/// gateway does: it holds the lease, or nobody does / the holder is down and this is the
-/// first (by name) up node with a replica out of service. Pure (unit-tested).
-pub fn should_drive(v: &api::Volume, me: &str, holder: Option<&str>, up: &[String]) -> bool {
+/// gateway does: it holds the lease, or nobody does / the holder is out (silent past
+/// `out_after`, `out` lists those) and this is the first (by name) up node with a replica
+/// out of service. A holder that is merely down keeps its lease: it may be cut off from
+/// the manager only, still serving its VM, and taking the lease would fence it. Pure
+/// (unit-tested).
+pub fn should_drive(
+    v: &api::Volume,
+    me: &str,
+    holder: Option<&str>,
+    up: &[String],
+    out: &[String],
+) -> bool {
     let mut waiting: Vec<&str> = v
         .sets
         .iter()
@@ -239,7 +248,7 @@ pub fn should_drive(v: &api::Volume, me: &str, holder: Option<&str>, up: &[Strin
     waiting.sort_unstable();
     match holder {
         Some(h) if h == me => true,
-        Some(h) if up.iter().any(|u| u == h) => false,
+        Some(h) if !out.iter().any(|o| o == h) => false,
         _ => waiting[0] == me,
     }
 }
@@ -289,7 +298,7 @@ async fn recovery_duties<L: VolumeLookup>(
             }
         }
     }
-    let mut up: Option<Vec<String>> = None;
+    let mut up: Option<(Vec<String>, Vec<String>)> = None;
     for v in vols {
         let waiting = v
             .sets
@@ -300,25 +309,27 @@ async fn recovery_duties<L: VolumeLookup>(
             continue;
         }
         if up.is_none() {
-            match client.list_nodes().await {
-                Ok(l) => {
-                    up = Some(
+            match (client.list_nodes().await, client.recovery().await) {
+                (Ok(l), Ok(r)) => {
+                    up = Some((
                         l.items
                             .into_iter()
                             .filter(|n| n.state == api::NodeState::Up)
                             .map(|n| n.name)
                             .collect(),
-                    )
+                        r.nodes_out,
+                    ))
                 }
-                Err(_) => return,
+                _ => return,
             }
         }
+        let Some((up, out)) = up.as_ref() else { return };
         let holder = match client.get_lease(&v.name).await {
             Ok(l) => Some(l.holder),
             Err(e) if e.is_not_found() => None,
             Err(_) => continue,
         };
-        if should_drive(v, me, holder.as_deref(), up.as_deref().unwrap_or(&[])) {
+        if should_drive(v, me, holder.as_deref(), up, out) {
             tracing::info!(volume = %v.name, "replicas to copy and no live gateway: attaching here to copy them");
             if tokio::time::timeout(Duration::from_secs(30), catalog.open(&v.name))
                 .await
@@ -378,16 +389,18 @@ mod recovery_tests {
             vec![("b", false), ("a", true)],
         ]);
         let up: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        // The holder drives when it is up; nobody else.
-        assert!(should_drive(&v, "a", Some("a"), &up));
-        assert!(!should_drive(&v, "b", Some("a"), &up));
-        // Holder down or no lease: the first waiting node by name.
+        let out: Vec<String> = vec!["a".into()];
+        // The holder drives; nobody else while it is not out (up, or down but not out).
+        assert!(should_drive(&v, "a", Some("a"), &up, &[]));
+        assert!(!should_drive(&v, "b", Some("a"), &up, &[]));
         let up2: Vec<String> = ["b", "c"].iter().map(|s| s.to_string()).collect();
-        assert!(should_drive(&v, "b", Some("a"), &up2));
-        assert!(!should_drive(&v, "c", Some("a"), &up2));
-        assert!(should_drive(&v, "b", None, &up));
+        assert!(!should_drive(&v, "b", Some("a"), &up2, &[]));
+        // Holder out or no lease: the first waiting node by name.
+        assert!(should_drive(&v, "b", Some("a"), &up2, &out));
+        assert!(!should_drive(&v, "c", Some("a"), &up2, &out));
+        assert!(should_drive(&v, "b", None, &up, &[]));
         // Nothing to copy to (waiting nodes down): nobody.
         let v2 = vol(vec![vec![("a", true), ("c", false)]]);
-        assert!(!should_drive(&v2, "a", Some("a"), &["a".to_string()]));
+        assert!(!should_drive(&v2, "a", Some("a"), &["a".to_string()], &[]));
     }
 }

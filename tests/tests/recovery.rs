@@ -47,8 +47,13 @@ fn write_all(c: &Cluster, pattern: u8) {
 
 /// Reads the whole volume through host 1 and checks the pattern (zero differences).
 fn read_check(c: &Cluster, cmds: &[String]) {
+    read_check_on(c, 1, cmds)
+}
+
+/// The same through host `host`'s NBD.
+fn read_check_on(c: &Cluster, host: usize, cmds: &[String]) {
     let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
-    let (ok, out) = qemu_io(&c.url(1, "vol"), &cmds);
+    let (ok, out) = qemu_io(&c.url(host, "vol"), &cmds);
     assert!(
         ok,
         "qemu-io read-back found differences: {out}\n{}",
@@ -330,4 +335,25 @@ fn recovery_bandwidth_limits_the_copy_rate() {
     );
     let (equal, out) = c.verify("vol");
     assert!(equal, "{out}");
+}
+
+#[test]
+fn lost_gateway_host_is_rehomed_by_a_surviving_replica() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = cluster("5s");
+    write_all(&c, 0x69);
+    // The lease holder (the gateway host) dies: once it is out, the first up node with a
+    // replica to copy to takes the lease and copies.
+    c.kill_node(1);
+    let took = wait_rehomed(&c, "h1", Duration::from_secs(60));
+    eprintln!("gateway host lost: redundancy restored {took:?} after the kill");
+    let (equal, out) = c.verify("vol");
+    assert!(equal, "replicas differ after re-replication:\n{out}");
+    read_check_on(
+        &c,
+        2,
+        &(0..4)
+            .map(|i| format!("read -P 0x69 {} 16M", i * (16 << 20)))
+            .collect::<Vec<_>>(),
+    );
 }
