@@ -550,6 +550,7 @@ impl Attached {
         att.seq
             .store((att.epoch << 40).max(max_version + 1), Ordering::Release);
         tokio::spawn(resync_loop(Arc::downgrade(&att)));
+        tokio::spawn(record_loop(Arc::downgrade(&att)));
         tracing::info!(volume = name, epoch = att.epoch, "attached");
         Ok(att)
     }
@@ -782,8 +783,10 @@ impl Attached {
                         break;
                     }
                     Err(ClientError::Api { code, .. }) if code == "invalid_argument" => {
-                        // The manager re-homed its replicas meanwhile: nothing to record.
+                        // The manager re-homed its replicas meanwhile: nothing to record; the
+                        // record without it is applied at once (writes wait for it).
                         tracing::info!(volume = %this.name, replica = %node, "replica no longer in the volume's record");
+                        this.refresh_record().await;
                         break;
                     }
                     Err(e) => {
@@ -1387,18 +1390,26 @@ impl Attached {
     }
 }
 
+/// Background: every second, follow the volume's record (its own task: a long resync must
+/// not hold up membership changes, or writes would wait for a member that left).
+async fn record_loop(w: Weak<Attached>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(a) = w.upgrade() else { return };
+        if a.is_fenced() || a.closed.load(Ordering::Acquire) {
+            return;
+        }
+        a.refresh_record().await;
+    }
+}
+
 /// Background: every second, try to bring out-of-service replicas back.
 async fn resync_loop(w: Weak<Attached>) {
-    let mut tick = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let Some(a) = w.upgrade() else { return };
         if a.is_fenced() || a.closed.load(Ordering::Acquire) {
             return;
-        }
-        tick += 1;
-        if tick.is_multiple_of(2) {
-            a.refresh_record().await;
         }
         // Failed members still recorded in service whose marking ended (last copies).
         let stuck: BTreeSet<String> = {

@@ -317,6 +317,24 @@ fn recovery_bandwidth_limits_the_copy_rate() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let started = Instant::now();
+    // Writes while the copies run (to the new members too, mirrored from the barrier on):
+    // every chunk rewritten with a new pattern, none of it may be lost.
+    std::thread::sleep(Duration::from_millis(1500));
+    let cmds: Vec<String> = (0..16)
+        .map(|i| format!("write -P 0x22 {} 4M", i * (4 << 20)))
+        .collect();
+    let cmds_ref: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    let (ok, out) = qemu_io(&c.url(1, "vol"), &cmds_ref);
+    assert!(ok, "writes during the copy failed: {out}\n{}", c.logs());
+    let syncing_after_writes = recovery(&c)["syncing_replicas"].as_u64().unwrap_or(0);
+    eprintln!(
+        "writes done {:?} into the copy; replicas still syncing: {syncing_after_writes}",
+        started.elapsed()
+    );
+    assert!(
+        syncing_after_writes > 0,
+        "the copy ended before the writes: they did not race it"
+    );
     wait_rehomed(&c, "h3", Duration::from_secs(90));
     let took = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(1500)); // the last progress report
@@ -335,6 +353,12 @@ fn recovery_bandwidth_limits_the_copy_rate() {
     );
     let (equal, out) = c.verify("vol");
     assert!(equal, "{out}");
+    read_check(
+        &c,
+        &(0..4)
+            .map(|i| format!("read -P 0x22 {} 16M", i * (16 << 20)))
+            .collect::<Vec<_>>(),
+    );
 }
 
 #[test]
