@@ -213,7 +213,7 @@ mod tests {
         let f = dir.path().join("m.toml");
         std::fs::write(
             &f,
-            "listen = \"127.0.0.1:9\"\ndata-dir = \"/from-file\"\ndown-after = \"2m\"\novercommit = 3.0\ndefault-replicas = 2\n",
+            "listen = \"127.0.0.1:9\"\ndata-dir = \"/from-file\"\ndown-after = \"2m\"\nout-after = \"10m\"\novercommit = 3.0\ndefault-replicas = 2\n",
         )
         .unwrap();
         let p = f.to_str().unwrap();
@@ -221,6 +221,7 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9");
         assert_eq!(c.data_dir, std::path::PathBuf::from("/from-file"));
         assert_eq!(c.down_after, Duration::from_secs(120));
+        assert_eq!(c.out_after, Duration::from_secs(600));
         assert_eq!(c.overcommit, 3.0);
         assert_eq!(c.default_replicas, 2);
         let c = cfg(&[
