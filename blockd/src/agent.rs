@@ -158,7 +158,7 @@ pub async fn watch_loop<L: VolumeLookup>(
     failures = 0;
     loop {
         match client
-            .watch_volumes(revision, Duration::from_secs(30))
+            .watch_volumes(revision, Duration::from_secs(10))
             .await
         {
             Ok(list) => {
@@ -253,7 +253,7 @@ pub fn should_drive(
     }
 }
 
-/// Re-replication duties of this node after a volume list change (and at least every 30 s,
+/// Re-replication duties of this node after a volume list change (and at least every 10 s,
 /// when the watch times out):
 /// - drop the chunks of sets re-homed away from this node, once a fresh read of the
 ///   volume's record confirms they no longer list it and are fully in service elsewhere;
