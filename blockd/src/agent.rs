@@ -266,16 +266,17 @@ async fn recovery_duties<L: VolumeLookup>(
     vols: &[api::Volume],
 ) {
     use crate::export::ExportCatalog;
+    let held = catalog.store().chunk_indices();
     for v in vols {
         let nsets = v.sets.len() as u64;
-        if nsets == 0 || rehomed_sets(v, me).is_empty() {
+        let Some(mine) = held.get(&v.id) else {
+            continue;
+        };
+        if nsets == 0 {
             continue;
         }
-        let held = catalog.store().chunk_versions(v.id);
-        if !held
-            .iter()
-            .any(|(i, _)| rehomed_sets(v, me).contains(&(i % nsets)))
-        {
+        let rehomed = rehomed_sets(v, me);
+        if !mine.iter().any(|i| rehomed.contains(&(i % nsets))) {
             continue;
         }
         // The manager confirms: a fresh read, not the (possibly older) watch result.

@@ -480,6 +480,15 @@ impl ChunkStore {
             .collect()
     }
 
+    /// The chunk indices stored here, by volume (one scan of the chunk map).
+    pub fn chunk_indices(&self) -> std::collections::HashMap<u64, Vec<u64>> {
+        let mut out: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+        for k in self.chunks.read().unwrap().keys() {
+            out.entry(k.volume).or_default().push(k.index);
+        }
+        out
+    }
+
     /// Version of a chunk (None when not stored here).
     pub fn chunk_version(&self, key: ChunkKey) -> Option<u64> {
         self.get(key).map(|c| c.rec.lock().unwrap().version)
