@@ -345,6 +345,8 @@ pub struct Ctx {
     pub metrics: GatewayMetrics,
     /// `--recovery-bandwidth`: every background copy of this daemon takes from it.
     pub throttle: crate::throttle::Throttle,
+    /// Bytes copied by resync per volume (by name), reported to volume-mgr.
+    copied: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// A connection attempt that failed is not retried for this long (the background resync
@@ -355,6 +357,7 @@ impl Ctx {
     pub fn new(cfg: GatewayConfig, client: Client, local: Arc<ReplicaService>) -> Arc<Ctx> {
         Arc::new(Ctx {
             throttle: crate::throttle::Throttle::new(cfg.recovery_bandwidth),
+            copied: Mutex::new(Default::default()),
             cfg,
             client,
             local,
@@ -1334,6 +1337,13 @@ impl Attached {
                     .resync_bytes
                     .load(Ordering::Relaxed)
                     .saturating_sub(before);
+                *self
+                    .ctx
+                    .copied
+                    .lock()
+                    .unwrap()
+                    .entry(self.name.clone())
+                    .or_default() += n;
                 self.ctx.throttle.take(n).await;
             }
         }
@@ -1446,7 +1456,11 @@ pub async fn report_progress(ctx: Arc<Ctx>) {
         if last == Some(n) {
             continue;
         }
-        match ctx.client.report_recovery(&ctx.cfg.node, n).await {
+        let p = api::RecoveryProgress {
+            copied_bytes: n,
+            volumes: ctx.copied.lock().unwrap().clone(),
+        };
+        match ctx.client.report_recovery(&ctx.cfg.node, &p).await {
             Ok(()) => last = Some(n),
             Err(e) => tracing::debug!(error = %e, "cannot report copy progress"),
         }

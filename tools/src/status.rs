@@ -84,10 +84,11 @@ pub fn render(r: &api::Recovery, nodes: &[api::Node]) -> String {
                     format!("{}/{}", v.degraded_sets, v.sets),
                     v.in_progress.to_string(),
                     human(v.bytes_left),
+                    format!("{}/s", human(v.rate as u64)),
                 ]
             })
             .collect();
-        out += &crate::table::render(&["VOLUME", "DEGRADED", "SYNCING", "LEFT"], &rows);
+        out += &crate::table::render(&["VOLUME", "DEGRADED", "SYNCING", "LEFT", "RATE"], &rows);
     }
     out
 }
@@ -153,6 +154,8 @@ mod tests {
                 degraded_sets: 2,
                 in_progress: 2,
                 bytes_left: 8 << 20,
+                bytes_copied: 4 << 20,
+                rate: (2 << 20) as f64,
             }],
         };
         let nodes = [node("h1", true), node("h3", false)];

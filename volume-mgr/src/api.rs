@@ -797,6 +797,9 @@ impl VipLease {
 #[serde(deny_unknown_fields)]
 pub struct RecoveryProgress {
     pub copied_bytes: u64,
+    /// The same counter per volume (by name).
+    #[serde(default)]
+    pub volumes: std::collections::BTreeMap<String, u64>,
 }
 
 /// `GET /v1/recovery`: redundancy and re-replication state of the cluster.
@@ -826,7 +829,7 @@ pub struct Recovery {
     pub volumes: Vec<VolumeRecovery>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeRecovery {
     pub name: String,
@@ -835,4 +838,8 @@ pub struct VolumeRecovery {
     /// Sets with a replica being copied to.
     pub in_progress: u64,
     pub bytes_left: u64,
+    /// Bytes copied for this volume since the manager started.
+    pub bytes_copied: u64,
+    /// Its copy rate over the last 10 s, bytes per second.
+    pub rate: f64,
 }

@@ -252,12 +252,17 @@ impl Client {
         self.get("/v1/recovery").await
     }
 
-    /// Reports this node's copy counter (bytes copied since the daemon started).
-    pub async fn report_recovery(&self, node: &str, copied_bytes: u64) -> Result<(), ClientError> {
+    /// Reports this node's copy counters (bytes copied since the daemon started, in all
+    /// and per volume).
+    pub async fn report_recovery(
+        &self,
+        node: &str,
+        progress: &api::RecoveryProgress,
+    ) -> Result<(), ClientError> {
         self.call::<_, serde_json::Value>(
             Method::PUT,
             &format!("/v1/recovery/progress/{}", seg(node)),
-            Some(&api::RecoveryProgress { copied_bytes }),
+            Some(progress),
             Duration::from_secs(5),
         )
         .await

@@ -172,15 +172,59 @@ pub fn plan(
     out
 }
 
+/// Bytes copied, summed from the nodes' counters, with the rate over the last 10 s. Pure
+/// (unit-tested).
+#[derive(Default, Debug, Clone)]
+pub struct Counter {
+    /// Last counter reported by each node.
+    reported: HashMap<String, u64>,
+    pub total: u64,
+    /// (ms, total) samples of the last 10 s.
+    samples: VecDeque<(u64, u64)>,
+}
+
+impl Counter {
+    /// A node reports its counter `value` at `now` (a smaller one than last time: the
+    /// daemon restarted and counts from 0 again).
+    pub fn report(&mut self, node: &str, value: u64, now: u64) {
+        let prev = self.reported.insert(node.to_string(), value).unwrap_or(0);
+        let delta = if value >= prev { value - prev } else { value };
+        if self.samples.is_empty() {
+            self.samples.push_back((now, self.total));
+        }
+        self.total += delta;
+        self.samples.push_back((now, self.total));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > RATE_WINDOW_MS)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second over the samples of the last 10 s.
+    pub fn rate(&self, now: u64) -> f64 {
+        match self
+            .samples
+            .iter()
+            .find(|(t, _)| now.saturating_sub(*t) <= RATE_WINDOW_MS)
+        {
+            Some((t, c)) if now > *t => {
+                self.total.saturating_sub(*c) as f64 * 1000.0 / (now - t) as f64
+            }
+            _ => 0.0,
+        }
+    }
+}
+
 /// Memory-only recovery state in the manager.
 #[derive(Default)]
 pub struct RecoveryLive {
     tracks: Mutex<HashMap<String, Track>>,
-    /// Last counter reported by each node.
-    reported: Mutex<HashMap<String, u64>>,
-    copied: AtomicU64,
-    /// (ms, copied) samples of the last 10 s, for the rate.
-    samples: Mutex<VecDeque<(u64, u64)>>,
+    copied: Mutex<Counter>,
+    /// Per volume (by name).
+    volumes: Mutex<HashMap<String, Counter>>,
     replaced: AtomicU64,
     /// Nodes out at the last pass.
     out: Mutex<Vec<String>>,
@@ -349,7 +393,13 @@ pub fn document(app: &App) -> ApiResult<api::Recovery> {
             degraded_sets: 0,
             in_progress: 0,
             bytes_left: 0,
+            bytes_copied: 0,
+            rate: 0.0,
         };
+        if let Some(c) = app.recovery.volumes.lock().unwrap().get(&v.name) {
+            vr.bytes_copied = c.total;
+            vr.rate = c.rate(crate::server::now_ms());
+        }
         for (s, set) in v.sets.iter().enumerate() {
             // Degraded: fewer good copies than wanted (a member recorded in service on a
             // down node is not a good copy right now).
@@ -376,7 +426,10 @@ pub fn document(app: &App) -> ApiResult<api::Recovery> {
         left += vr.bytes_left;
         volumes.push(vr);
     }
-    let rate = rate(app, crate::server::now_ms());
+    let (rate, copied) = {
+        let c = app.recovery.copied.lock().unwrap();
+        (c.rate(crate::server::now_ms()), c.total)
+    };
     Ok(api::Recovery {
         nodes_up: up,
         nodes_down: down,
@@ -384,24 +437,12 @@ pub fn document(app: &App) -> ApiResult<api::Recovery> {
         degraded_sets: degraded,
         syncing_replicas: syncing,
         bytes_left: left,
-        bytes_copied: app.recovery.copied.load(Ordering::Relaxed),
+        bytes_copied: copied,
         rate,
         eta_s: (rate > 0.0 && left > 0).then(|| left as f64 / rate),
         replaced: app.recovery.replaced.load(Ordering::Relaxed),
         volumes,
     })
-}
-
-fn rate(app: &App, now: u64) -> f64 {
-    let s = app.recovery.samples.lock().unwrap();
-    let cur = app.recovery.copied.load(Ordering::Relaxed);
-    match s
-        .iter()
-        .find(|(t, _)| now.saturating_sub(*t) <= RATE_WINDOW_MS)
-    {
-        Some((t, c)) if now > *t => cur.saturating_sub(*c) as f64 * 1000.0 / (now - t) as f64,
-        _ => 0.0,
-    }
 }
 
 pub async fn get_recovery(State(app): State<Arc<App>>) -> ApiResult<Json<api::Recovery>> {
@@ -421,26 +462,17 @@ pub async fn report_progress(
         )));
     }
     let now = crate::server::now_ms();
-    let delta = {
-        let mut r = app.recovery.reported.lock().unwrap();
-        let prev = r.insert(name, p.copied_bytes).unwrap_or(0);
-        if p.copied_bytes >= prev {
-            p.copied_bytes - prev
-        } else {
-            p.copied_bytes // the daemon restarted: its counter began again
+    app.recovery
+        .copied
+        .lock()
+        .unwrap()
+        .report(&name, p.copied_bytes, now);
+    let mut vols = app.recovery.volumes.lock().unwrap();
+    for (v, n) in &p.volumes {
+        if vols.len() >= 100_000 && !vols.contains_key(v) {
+            break; // bounded: a confused client cannot grow it without end
         }
-    };
-    let mut s = app.recovery.samples.lock().unwrap();
-    let before = app.recovery.copied.fetch_add(delta, Ordering::Relaxed);
-    if s.is_empty() {
-        s.push_back((now, before));
-    }
-    s.push_back((now, before + delta));
-    while s
-        .front()
-        .is_some_and(|(t, _)| now.saturating_sub(*t) > RATE_WINDOW_MS)
-    {
-        s.pop_front();
+        vols.entry(v.clone()).or_default().report(&name, *n, now);
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -505,6 +537,22 @@ mod tests {
     use crate::placement::Candidate;
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn counters_sum_nodes_and_survive_restarts() {
+        let mut c = Counter::default();
+        c.report("a", 10, 1_000);
+        c.report("b", 5, 1_000);
+        c.report("a", 30, 2_000);
+        assert_eq!(c.total, 35);
+        // b restarted: its new counter counts from 0.
+        c.report("b", 2, 3_000);
+        assert_eq!(c.total, 37);
+        // 37 bytes since the first sample (total 0 at 1 s), over 2 s.
+        assert!((c.rate(3_000) - 18.5).abs() < 1e-9, "{}", c.rate(3_000));
+        // Samples older than 10 s no longer count.
+        assert_eq!(c.rate(20_000), 0.0);
+    }
 
     #[test]
     fn out_after_and_flap_damping() {
@@ -774,14 +822,20 @@ mod tests {
         assert_eq!(d.bytes_left, MAX_SYNCING as u64 * (4 << 20));
         assert_eq!(d.replaced, MAX_SYNCING as u64);
         // Progress reports: a counter per node, a restart starts it again.
-        c.report_recovery("n1", 8 << 20).await.unwrap();
-        c.report_recovery("n1", 12 << 20).await.unwrap();
-        c.report_recovery("n2", 1 << 20).await.unwrap();
+        let prog = |n: u64| api::RecoveryProgress {
+            copied_bytes: n,
+            volumes: [("vol".to_string(), n)].into(),
+        };
+        c.report_recovery("n1", &prog(8 << 20)).await.unwrap();
+        c.report_recovery("n1", &prog(12 << 20)).await.unwrap();
+        c.report_recovery("n2", &prog(1 << 20)).await.unwrap();
         let d = c.recovery().await.unwrap();
         assert_eq!(d.bytes_copied, 13 << 20);
         assert!(d.rate > 0.0 && d.eta_s.is_some(), "{d:?}");
+        assert_eq!(d.volumes[0].bytes_copied, 13 << 20);
+        assert!(d.volumes[0].rate > 0.0, "{d:?}");
         assert!(c
-            .report_recovery("nobody", 1)
+            .report_recovery("nobody", &prog(1))
             .await
             .unwrap_err()
             .is_not_found());
