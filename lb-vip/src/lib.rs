@@ -10,6 +10,7 @@ pub mod ha;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod overlay;
 pub mod proxy;
 pub mod proxy_v2;
 pub mod sched;

@@ -78,6 +78,17 @@ pub enum PortCmd {
         /// Interface name (at most 15 characters) [default: the port's name].
         #[arg(long)]
         ifname: Option<String>,
+        /// The VIP (on this network) whose address the port carries: lb-vip's port for it
+        /// [default: none; a VIP's address is then refused].
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Move a port to another host's vswitch (MAC, IP and interface name stay).
+    Move {
+        name: String,
+        /// The new host (a registered vswitch or blockd node).
+        #[arg(long)]
+        node: String,
     },
     /// List ports.
     Ls {
@@ -187,6 +198,9 @@ fn port_details(p: &api::Port) -> Vec<(&'static str, String)> {
         ),
         ("created", ago(p.created_ms)),
     ];
+    if let Some(v) = &p.vip {
+        rows.push(("vip", v.clone()));
+    }
     match &p.stats {
         None => rows.push(("counters", "no counters reported yet".into())),
         Some(s) => {
@@ -345,6 +359,7 @@ pub async fn port(client: &Client, cmd: PortCmd, json: bool) -> anyhow::Result<(
             ip,
             netns,
             ifname,
+            vip,
         } => {
             let p = client
                 .create_port(&api::CreatePort {
@@ -356,6 +371,7 @@ pub async fn port(client: &Client, cmd: PortCmd, json: bool) -> anyhow::Result<(
                     ip,
                     netns,
                     ifname,
+                    vip,
                 })
                 .await?;
             if json {
@@ -393,6 +409,14 @@ pub async fn port(client: &Client, cmd: PortCmd, json: bool) -> anyhow::Result<(
                 print_json(&p)?;
             } else {
                 print_rows(&port_details(&p));
+            }
+        }
+        PortCmd::Move { name, node } => {
+            let p = client.move_port(&name, &node).await?;
+            if json {
+                print_json(&p)?;
+            } else {
+                println!("moved port {} to node {}", p.name, p.node);
             }
         }
         PortCmd::Rm { name } => {
@@ -439,6 +463,7 @@ mod tests {
             netns: None,
             ifname: "vnet0".into(),
             created_ms: 0,
+            vip: None,
             stats,
         }
     }

@@ -320,6 +320,21 @@ pub struct CreatePort {
     /// Interface name (≤ 15 chars); default: the port's name.
     #[serde(default)]
     pub ifname: Option<String>,
+    /// The VIP whose address this port carries (lb-vip's port for a VIP on an overlay
+    /// network): the VIP must exist on `network`, and the port's IP is the VIP's (taken from it
+    /// when `ip` is None). Only such a port may have a VIP's address; a VIP has at most one;
+    /// deleting the VIP deletes it.
+    #[serde(default)]
+    pub vip: Option<String>,
+}
+
+/// `PUT /v1/ports/{name}/node`: the port moves to another node's vswitch (the old one
+/// removes its interface, the new one creates it); MAC, IP and ifname stay.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MovePort {
+    /// A registered vswitch (or blockd) node.
+    pub node: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -335,6 +350,9 @@ pub struct Port {
     pub netns: Option<String>,
     pub ifname: String,
     pub created_ms: u64,
+    /// The VIP this port carries the address of (see `CreatePort::vip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
     /// Last counters reported by the port's vswitch (not stored; absent until reported).
     #[serde(default)]
     pub stats: Option<PortStats>,

@@ -364,6 +364,17 @@ impl Client {
         self.delete(&format!("/v1/ports/{}", seg(name))).await
     }
 
+    /// Moves a port to another node's vswitch (`PUT /v1/ports/{name}/node`); answers the port.
+    /// Moving it to the node it is on changes nothing.
+    pub async fn move_port(&self, name: &str, node: &str) -> Result<api::Port, ClientError> {
+        self.send(
+            Method::PUT,
+            &format!("/v1/ports/{}/node", seg(name)),
+            &api::MovePort { node: node.into() },
+        )
+        .await
+    }
+
     /// A vswitch registers (or re-registers) its VTEP.
     pub async fn register_switch(
         &self,

@@ -684,6 +684,7 @@ mod tests {
             ip: None,
             netns: None,
             ifname: None,
+            vip: None,
         }
     }
 

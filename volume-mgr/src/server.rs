@@ -875,6 +875,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/ports/{name}",
             get(network::get_port).delete(network::delete_port),
         )
+        .route("/v1/ports/{name}/node", put(network::move_port))
         .route("/v1/switches", get(network::list_switches))
         .route("/v1/switches/{name}", put(network::register_switch))
         .route(

@@ -964,6 +964,7 @@ fn client_methods() {
                 ip: None,
                 netns: Some("vm1".into()),
                 ifname: None,
+                vip: None,
             })
             .await
             .unwrap();
@@ -978,6 +979,7 @@ fn client_methods() {
                 ip: None,
                 netns: None,
                 ifname: None,
+                vip: None,
             })
             .await
             .unwrap_err();

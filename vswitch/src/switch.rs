@@ -1313,6 +1313,7 @@ mod tests {
             netns: Some(format!("ns-{name}")),
             ifname: name.into(),
             created_ms: 10,
+            vip: None,
             stats: None,
         }
     }

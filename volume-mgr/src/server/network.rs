@@ -54,6 +54,10 @@ mod key {
     pub fn port_count(network: &str) -> String {
         format!("ports/{network}")
     }
+    /// The port of a VIP (`CreatePort::vip`).
+    pub fn vip_port(vip: &str) -> String {
+        format!("vipport/{vip}")
+    }
 }
 
 fn net_bad(e: net::NetError) -> Error {
@@ -319,9 +323,53 @@ pub(super) async fn create_port(
         }
     };
     let vip_ips = vips_on(&app, &req.network)?;
-    let ip = match chk.ip {
+    // A VIP's port: the VIP exists on this network, has no port yet, and lends its address.
+    let mut vip_conds = Vec::new();
+    let chk_ip = match &req.vip {
+        None => chk.ip,
+        Some(v) => {
+            let vcur = app
+                .store
+                .get(Kind::Vip, v)?
+                .ok_or_else(|| bad(format!("vip {v} does not exist")))?;
+            let vr: api::Vip = decode(&vcur)?;
+            if vr.network.as_deref() != Some(req.network.as_str()) {
+                return Err(bad(format!(
+                    "vip {v} is not on network {} ({})",
+                    req.network,
+                    match &vr.network {
+                        Some(n) => format!("it is on network {n}"),
+                        None => "it is on no overlay network".into(),
+                    }
+                )));
+            }
+            let Some(Some(vip_ip)) = vip_ips.iter().find(|(n, _)| n == v).map(|(_, a)| *a) else {
+                return Err(bad(format!(
+                    "vip {v} has no IPv4 address ({}); only IPv4 VIPs get a port",
+                    vr.addr
+                )));
+            };
+            if chk.ip.is_some_and(|ip| ip != vip_ip) {
+                return Err(bad(format!(
+                    "the port of vip {v} must have the vip's address {vip_ip}, not {}",
+                    chk.ip.map(|i| i.to_string()).unwrap_or_default()
+                )));
+            }
+            let k = key::vip_port(v);
+            if let Some(o) = owner(&app, &k)? {
+                return Err(in_use(format!("vip {v} already has port {o}")));
+            }
+            vip_conds.push(Cond::Equals(Kind::Vip, v.clone(), Some(vcur)));
+            vip_conds.push(Cond::Equals(Kind::NetIndex, k, None));
+            Some(vip_ip)
+        }
+    };
+    let ip = match chk_ip {
         Some(ip) => {
-            if let Some((v, _)) = vip_ips.iter().find(|(_, a)| *a == Some(ip)) {
+            if let Some((v, _)) = vip_ips
+                .iter()
+                .find(|(n, a)| *a == Some(ip) && req.vip.as_deref() != Some(n.as_str()))
+            {
                 return Err(in_use(format!(
                     "ip {ip} is the address of vip {v} in network {}",
                     req.network
@@ -366,6 +414,7 @@ pub(super) async fn create_port(
         netns: req.netns.clone(),
         ifname: chk.ifname.clone(),
         created_ms: now_ms(),
+        vip: req.vip.clone(),
         stats: None,
     };
     let count = key::port_count(&req.network);
@@ -374,25 +423,28 @@ pub(super) async fn create_port(
     let mac_key = key::mac(&req.network, &port.mac);
     let ip_key = key::ip(&req.network, &port.ip);
     let owner_v = || port.name.clone().into_bytes();
-    let rev = app.store.commit(
-        &[
-            Cond::Equals(Kind::Port, port.name.clone(), None),
-            Cond::Equals(Kind::Network, req.network.clone(), Some(net_cur)),
-            Cond::Equals(Kind::NetIndex, count.clone(), count_cur),
-            Cond::Equals(Kind::NetIndex, mac_key.clone(), None),
-            Cond::Equals(Kind::NetIndex, ip_key.clone(), None),
-            Cond::Equals(Kind::NetIndex, ifname_key.clone(), None),
-        ],
-        &[
-            Op::Put(Kind::Port, port.name.clone(), encode(&port)),
-            Op::Put(Kind::NetIndex, count, encode(&(n + 1))),
-            Op::Put(Kind::NetIndex, mac_key, owner_v()),
-            Op::Put(Kind::NetIndex, ip_key, owner_v()),
-            Op::Put(Kind::NetIndex, ifname_key, owner_v()),
-        ],
-    )?;
+    let mut conds = vec![
+        Cond::Equals(Kind::Port, port.name.clone(), None),
+        Cond::Equals(Kind::Network, req.network.clone(), Some(net_cur)),
+        Cond::Equals(Kind::NetIndex, count.clone(), count_cur),
+        Cond::Equals(Kind::NetIndex, mac_key.clone(), None),
+        Cond::Equals(Kind::NetIndex, ip_key.clone(), None),
+        Cond::Equals(Kind::NetIndex, ifname_key.clone(), None),
+    ];
+    conds.extend(vip_conds);
+    let mut ops = vec![
+        Op::Put(Kind::Port, port.name.clone(), encode(&port)),
+        Op::Put(Kind::NetIndex, count, encode(&(n + 1))),
+        Op::Put(Kind::NetIndex, mac_key, owner_v()),
+        Op::Put(Kind::NetIndex, ip_key, owner_v()),
+        Op::Put(Kind::NetIndex, ifname_key, owner_v()),
+    ];
+    if let Some(v) = &port.vip {
+        ops.push(Op::Put(Kind::NetIndex, key::vip_port(v), owner_v()));
+    }
+    let rev = app.store.commit(&conds, &ops)?;
     app.net_rev.send_replace(rev);
-    tracing::info!(port = %port.name, network = %port.network, node = %port.node, kind = ?port.kind, mac = %port.mac, ip = %port.ip, "port created");
+    tracing::info!(port = %port.name, network = %port.network, node = %port.node, kind = ?port.kind, mac = %port.mac, ip = %port.ip, vip = ?port.vip, "port created");
     Ok((StatusCode::CREATED, Json(port)))
 }
 
@@ -437,6 +489,44 @@ pub(super) async fn get_port(
     Ok(Json(with_stats(&app, decode(&b)?)))
 }
 
+/// The conditions and operations that delete port `name` (stored as `cur`) with the index
+/// claims it holds.
+fn port_delete_ops(
+    app: &App,
+    name: &str,
+    cur: Vec<u8>,
+    p: &api::Port,
+    conds: &mut Vec<Cond>,
+    ops: &mut Vec<Op>,
+) -> ApiResult<()> {
+    let count = key::port_count(&p.network);
+    let count_cur = app.store.get(Kind::NetIndex, &count)?;
+    let n: u64 = count_cur.as_deref().map(decode).transpose()?.unwrap_or(0);
+    ops.push(Op::Delete(Kind::Port, name.to_string()));
+    ops.push(if n <= 1 {
+        Op::Delete(Kind::NetIndex, count.clone())
+    } else {
+        Op::Put(Kind::NetIndex, count.clone(), encode(&(n - 1)))
+    });
+    // Only the claims this port holds (never another port's).
+    let mut claims = vec![
+        key::mac(&p.network, &p.mac),
+        key::ip(&p.network, &p.ip),
+        key::ifname(&p.node, &p.ifname),
+    ];
+    if let Some(v) = &p.vip {
+        claims.push(key::vip_port(v));
+    }
+    for k in claims {
+        if owner(app, &k)?.as_deref() == Some(name) {
+            ops.push(Op::Delete(Kind::NetIndex, k));
+        }
+    }
+    conds.push(Cond::Equals(Kind::Port, name.to_string(), Some(cur)));
+    conds.push(Cond::Equals(Kind::NetIndex, count, count_cur));
+    Ok(())
+}
+
 pub(super) async fn delete_port(
     State(app): State<AppState>,
     Name(name): Name,
@@ -447,35 +537,85 @@ pub(super) async fn delete_port(
         .get(Kind::Port, &name)?
         .ok_or_else(|| not_found(format!("port {name} not found")))?;
     let p: api::Port = decode(&cur)?;
-    let count = key::port_count(&p.network);
-    let count_cur = app.store.get(Kind::NetIndex, &count)?;
-    let n: u64 = count_cur.as_deref().map(decode).transpose()?.unwrap_or(0);
-    let mut ops = vec![Op::Delete(Kind::Port, name.clone())];
-    ops.push(if n <= 1 {
-        Op::Delete(Kind::NetIndex, count.clone())
-    } else {
-        Op::Put(Kind::NetIndex, count.clone(), encode(&(n - 1)))
-    });
-    // Only the claims this port holds (never another port's).
-    for k in [
-        key::mac(&p.network, &p.mac),
-        key::ip(&p.network, &p.ip),
-        key::ifname(&p.node, &p.ifname),
-    ] {
-        if owner(&app, &k)?.as_deref() == Some(name.as_str()) {
-            ops.push(Op::Delete(Kind::NetIndex, k));
-        }
+    let (mut conds, mut ops) = (Vec::new(), Vec::new());
+    port_delete_ops(&app, &name, cur, &p, &mut conds, &mut ops)?;
+    let rev = app.store.commit(&conds, &ops)?;
+    app.net_rev.send_replace(rev);
+    tracing::info!(port = %name, network = %p.network, node = %p.node, "port deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// For `DELETE /v1/vips/{vip}` (under the write lock): adds to the VIP delete's commit the
+/// deletion of the VIP's port, if it has one. Returns its name (the caller then bumps
+/// `net_rev` after the commit).
+pub(super) fn vip_port_delete(
+    app: &App,
+    vip: &str,
+    conds: &mut Vec<Cond>,
+    ops: &mut Vec<Op>,
+) -> ApiResult<Option<String>> {
+    let Some(name) = owner(app, &key::vip_port(vip))? else {
+        return Ok(None);
+    };
+    let Some(cur) = app.store.get(Kind::Port, &name)? else {
+        return Ok(None);
+    };
+    let p: api::Port = decode(&cur)?;
+    if p.vip.as_deref() != Some(vip) {
+        return Ok(None);
     }
+    port_delete_ops(app, &name, cur, &p, conds, ops)?;
+    Ok(Some(name))
+}
+
+/// `PUT /v1/ports/{name}/node`: the port moves to another node (its interface name must be
+/// free there); MAC, IP, ifname and netns stay, so the old node's vswitch removes the
+/// interface and the new one's creates it. Moving it to its own node changes nothing.
+pub(super) async fn move_port(
+    State(app): State<AppState>,
+    Name(name): Name,
+    Body(req): Body<api::MovePort>,
+) -> ApiResult<Json<api::Port>> {
+    validate_node_name(&req.node)?;
+    let _g = app.mutate.lock().await;
+    let cur = app
+        .store
+        .get(Kind::Port, &name)?
+        .ok_or_else(|| not_found(format!("port {name} not found")))?;
+    let mut p: api::Port = decode(&cur)?;
+    if p.node == req.node {
+        return Ok(Json(with_stats(&app, p)));
+    }
+    check_node_known(&app, &req.node)?;
+    let new_key = key::ifname(&req.node, &p.ifname);
+    if let Some(o) = owner(&app, &new_key)? {
+        return Err(in_use(format!(
+            "interface {} on node {} is already used by port {o}",
+            p.ifname, req.node
+        )));
+    }
+    let old_key = key::ifname(&p.node, &p.ifname);
+    let mut ops = Vec::new();
+    if owner(&app, &old_key)?.as_deref() == Some(name.as_str()) {
+        ops.push(Op::Delete(Kind::NetIndex, old_key));
+    }
+    let from = std::mem::replace(&mut p.node, req.node.clone());
+    ops.push(Op::Put(
+        Kind::NetIndex,
+        new_key.clone(),
+        name.clone().into_bytes(),
+    ));
+    ops.push(Op::Put(Kind::Port, name.clone(), encode(&p)));
     let rev = app.store.commit(
         &[
             Cond::Equals(Kind::Port, name.clone(), Some(cur)),
-            Cond::Equals(Kind::NetIndex, count, count_cur),
+            Cond::Equals(Kind::NetIndex, new_key, None),
         ],
         &ops,
     )?;
     app.net_rev.send_replace(rev);
-    tracing::info!(port = %name, network = %p.network, node = %p.node, "port deleted");
-    Ok(StatusCode::NO_CONTENT)
+    tracing::info!(port = %name, from = %from, to = %p.node, "port moved");
+    Ok(Json(with_stats(&app, p)))
 }
 
 // ---- switches ------------------------------------------------------------------------------

@@ -259,12 +259,16 @@ pub(super) async fn delete_vip(
     if app.store.get(Kind::VipIndex, &key)?.as_deref() == Some(name.as_bytes()) {
         ops.push(Op::Delete(Kind::VipIndex, key));
     }
-    let rev = app
-        .store
-        .commit(&[Cond::Equals(Kind::Vip, name.clone(), Some(cur))], &ops)?;
+    let mut conds = vec![Cond::Equals(Kind::Vip, name.clone(), Some(cur))];
+    // Its overlay port (`CreatePort::vip`) goes in the same commit.
+    let port = super::network::vip_port_delete(&app, &name, &mut conds, &mut ops)?;
+    let rev = app.store.commit(&conds, &ops)?;
     app.vips.rev.send_replace(rev);
+    if port.is_some() {
+        app.net_rev.send_replace(rev);
+    }
     app.vips.reports.lock().unwrap().remove(&name);
-    tracing::info!(vip = %name, addr = %v.addr, proto = %v.proto, "vip deleted");
+    tracing::info!(vip = %name, addr = %v.addr, proto = %v.proto, port = ?port, "vip deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
