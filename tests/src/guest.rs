@@ -643,3 +643,248 @@ pub fn markers<'a>(console: &'a str, tag: &str) -> Vec<&'a str> {
         .filter_map(|l| l.find(&prefix).map(|i| l[i + prefix.len()..].trim()))
         .collect()
 }
+
+/// The `agent` guest script: defines `dhcp IF` (busybox udhcpc, then prints `FABRIC-NET
+/// ip=ADDR/LEN mac=MAC`), prints `FABRIC-AGENT ready` and then runs the shell commands the host
+/// sends on the second serial port (ttyS1, see [`Running`]), one per line `ID COMMAND…`: each
+/// output line comes back on the console as `FABRIC-OUT ID …`, then `FABRIC-DONE ID rc=N`.
+/// The command `exit` ends the script (and the guest powers off).
+pub const AGENT: &str = r#". /lib/fabric.sh
+ip link set lo up
+cat > /tmp/udhcpc.sh <<'EOS'
+#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
+    ;;
+esac
+exit 0
+EOS
+chmod 755 /tmp/udhcpc.sh
+dhcp() {
+  i=0
+  while [ ! -e /sys/class/net/$1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  ip link set $1 up || return 2
+  udhcpc -q -n -t 20 -T 2 -O mtu -i $1 -s /tmp/udhcpc.sh > /tmp/dhcp.log 2>&1 || { cat /tmp/dhcp.log; return 1; }
+  echo "FABRIC-NET ip=$(ip -o -4 addr show dev $1 | sed -n 's/.* inet \([0-9.]*\/[0-9]*\).*/\1/p') mac=$(cat /sys/class/net/$1/address)"
+}
+i=0
+while [ ! -c /dev/ttyS1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+stty -F /dev/ttyS1 -echo -icrnl -onlcr 2>/dev/null
+echo "FABRIC-AGENT ready"
+exec 3< /dev/ttyS1
+while read -r id cmd <&3; do
+  [ -n "$id" ] || continue
+  [ "$cmd" = exit ] && { echo "FABRIC-DONE $id rc=0"; exit 0; }
+  eval "$cmd" > /tmp/out 2>&1 < /dev/null
+  rc=$?
+  sed "s/^/FABRIC-OUT $id /" /tmp/out
+  echo "FABRIC-DONE $id rc=$rc"
+done
+echo "FABRIC-ERROR agent: ttyS1 closed"
+exit 1
+"#;
+
+/// What `Assets::start` runs: QEMU and where it is.
+pub struct GuestSpec<'a> {
+    /// Run QEMU inside this network namespace (`ip netns exec NS …`), so a `-netdev tap`
+    /// it creates appears there.
+    pub netns: Option<&'a str>,
+    /// A `-drive file=` value (raw virtio disk, cache=none), as for [`Assets::boot`].
+    pub drive: Option<&'a str>,
+    /// More QEMU arguments (e.g. the NIC: `-netdev tap,…` and `-device virtio-net-pci,…`).
+    pub qemu_args: &'a [String],
+    pub script: &'a str,
+    pub args: &'a [&'a str],
+}
+
+/// A guest that runs while the test talks to it: the console (ttyS0) goes to a file that can
+/// be watched; a second serial port (ttyS1) is a unix socket the test writes command lines to
+/// (the [`AGENT`] script reads them). QEMU is SIGKILLed on drop (or by [`Running::kill`], a
+/// power cut).
+pub struct Running {
+    proc: Proc,
+    dir: tempfile::TempDir,
+    ctl: Option<std::os::unix::net::UnixStream>,
+    next: u32,
+    pub name: String,
+    pub started: Instant,
+}
+
+impl Assets {
+    /// Starts a guest and returns at once (see [`Running`]); `name` is for messages.
+    pub fn start(&self, name: &str, spec: &GuestSpec) -> Running {
+        crate::require("qemu-system-x86_64");
+        for a in spec.args {
+            assert!(
+                !a.is_empty() && !a.contains([' ', ',', '"']),
+                "bad guest arg {a:?}"
+            );
+        }
+        let dir = tempfile::Builder::new().prefix("guest-").tempdir().unwrap();
+        let ctl = dir.path().join("ctl.sock");
+        let mut append = format!("console=ttyS0 panic=-1 quiet fabric.script={}", spec.script);
+        if !spec.args.is_empty() {
+            append += &format!(" fabric.args={}", spec.args.join(","));
+        }
+        let mut cmd = match spec.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        cmd.args(["-accel", "tcg", "-m", "256", "-smp", "1"])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("unix:{},server=on,wait=off", ctl.display()))
+            .arg("-kernel")
+            .arg(&self.kernel.boot_image)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .args(["-append", &append]);
+        if let Some(d) = spec.drive {
+            cmd.args([
+                "-drive",
+                &format!("file={d},format=raw,if=virtio,cache=none"),
+            ]);
+        }
+        cmd.args(spec.qemu_args)
+            .stdout(std::fs::File::create(dir.path().join("serial.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("qemu.stderr")).unwrap());
+        let proc = Proc::spawn(&format!("qemu {name}"), &mut cmd);
+        Running {
+            proc,
+            dir,
+            ctl: None,
+            next: 1,
+            name: name.to_string(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Running {
+    /// The console so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(
+            &std::fs::read(self.dir.path().join("serial.log")).unwrap_or_default(),
+        )
+        .replace('\r', "")
+    }
+
+    /// QEMU's own stderr.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default()
+    }
+
+    /// Whether QEMU still runs.
+    pub fn alive(&mut self) -> bool {
+        self.proc.try_wait().is_none()
+    }
+
+    /// Waits (up to `timeout`) for a `FABRIC-<tag>` line; its text, or None when QEMU ended
+    /// or the time ran out first.
+    pub fn wait_marker(&mut self, tag: &str, timeout: Duration) -> Option<String> {
+        let t = Instant::now();
+        loop {
+            let text = self.console();
+            if let Some(m) = markers(&text, tag).first() {
+                return Some(m.to_string());
+            }
+            if !self.alive() || t.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `command` (one line of shell, no newline) in the guest's [`AGENT`] and waits up to
+    /// `timeout` for it: Ok((exit code, output)), or Err(why) when the guest is gone, the
+    /// command channel fails or the time runs out.
+    pub fn exec(&mut self, command: &str, timeout: Duration) -> Result<(i32, String), String> {
+        use std::io::Write;
+        assert!(!command.contains('\n'), "one line only: {command:?}");
+        let t = Instant::now();
+        if self.ctl.is_none() {
+            let path = self.dir.path().join("ctl.sock");
+            loop {
+                match std::os::unix::net::UnixStream::connect(&path) {
+                    Ok(s) => {
+                        self.ctl = Some(s);
+                        break;
+                    }
+                    Err(e) => {
+                        if !self.alive() || t.elapsed() > timeout {
+                            return Err(format!("cannot connect to {}: {e}", path.display()));
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let line = format!("{id} {command}\n");
+        self.ctl
+            .as_mut()
+            .unwrap()
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("sending {command:?}: {e}"))?;
+        let done = format!("FABRIC-DONE {id} rc=");
+        let out = format!("FABRIC-OUT {id} ");
+        loop {
+            let text = self.console();
+            if let Some(rc) = text.lines().find_map(|l| {
+                l.find(&done)
+                    .map(|i| l[i + done.len()..].trim().to_string())
+            }) {
+                let output: Vec<&str> = text
+                    .lines()
+                    .filter_map(|l| l.find(&out).map(|i| &l[i + out.len()..]))
+                    .collect();
+                let rc = rc.parse().map_err(|_| format!("bad rc {rc:?}"))?;
+                return Ok((rc, output.join("\n")));
+            }
+            if !self.alive() {
+                return Err(format!("guest {} ended during {command:?}", self.name));
+            }
+            if t.elapsed() > timeout {
+                return Err(format!("{command:?} did not finish in {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// [`Running::exec`] that must succeed (exit 0); returns the output; panics with the
+    /// console otherwise.
+    pub fn exec_ok(&mut self, command: &str, timeout: Duration) -> String {
+        match self.exec(command, timeout) {
+            Ok((0, out)) => out,
+            r => panic!(
+                "guest {}: {command:?} -> {r:?}\n{}",
+                self.name,
+                self.describe()
+            ),
+        }
+    }
+
+    /// SIGKILLs QEMU (a power cut).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// The console and QEMU's stderr, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "guest {} console:\n{}\nqemu stderr:\n{}",
+            self.name,
+            self.console(),
+            self.stderr()
+        )
+    }
+}
