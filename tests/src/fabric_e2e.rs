@@ -182,14 +182,15 @@ impl Fabric {
         d.vswitch = Some(vswitch);
     }
 
-    /// Starts lb-vip on host `i` with `--vip-interface IF` (does not wait).
+    /// Starts lb-vip on host `i` (node name `hI`, as its blockd and vswitch: an overlay VIP's
+    /// port is a tap port on that node) with `--vip-interface IF` (does not wait).
     pub fn start_lbvip(&mut self, i: usize, vip_interface: &str) {
         let h = self.net.hosts[i].clone();
         let p = Proc::spawn(
             &format!("lb-vip h{i}"),
             h.command(bin("lb-vip"))
                 .args(["--manager", &self.manager_url()])
-                .args(["--node", &format!("lb-h{i}")])
+                .args(["--node", &format!("h{i}")])
                 .args(["--http-listen", &format!("{}:7950", h.addr)])
                 .args(["--vip-interface", vip_interface])
                 .env("NO_COLOR", "1")

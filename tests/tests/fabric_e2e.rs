@@ -55,20 +55,11 @@ impl Steps {
     }
 }
 
-/// A `netdev` port: (ip, mac).
-fn create_port(
-    f: &Fabric,
-    name: &str,
-    node: &str,
-    mac_ip: Option<(&str, &str)>,
-) -> (String, String) {
-    let mut args = vec![
+/// A `netdev` port (address and MAC allocated by the manager): (ip, mac).
+fn create_port(f: &Fabric, name: &str, node: &str) -> (String, String) {
+    let p = f.json_ok(&[
         "port", "create", name, "--net", NET, "--node", node, "--kind", "netdev",
-    ];
-    if let Some((mac, ip)) = mac_ip {
-        args.extend_from_slice(&["--mac", mac, "--ip", ip]);
-    }
-    let p = f.json_ok(&args);
+    ]);
     (
         p["ip"].as_str().unwrap().to_string(),
         p["mac"].as_str().unwrap().to_lowercase(),
@@ -361,8 +352,8 @@ fn two_guests_across_hosts_survive_a_host_and_move() {
     }
     let replicas = f.replica_nodes("vol1");
     assert_eq!(replicas, ["h1", "h2", "h3"], "vol1's replicas");
-    let (ip1, mac1) = create_port(&f, "g1", "h1", None);
-    let (ip2, mac2) = create_port(&f, "g2", "h2", None);
+    let (ip1, mac1) = create_port(&f, "g1", "h1");
+    let (ip2, mac2) = create_port(&f, "g2", "h2");
     steps.step("fabric up (manager, 3 x blockd + vswitch), net, 2 volumes, 2 ports");
 
     let mut g1 = boot(&f, &assets, "guest1", 1, "vol1", "g1", &mac1);
@@ -413,9 +404,15 @@ fn two_guests_across_hosts_survive_a_host_and_move() {
     drop(g1);
     f.start_host(3);
     f.wait_host_up(&[3], Duration::from_secs(30));
-    f.fabctl_ok(&["port", "rm", "g1"]);
-    let (ip1b, mac1b) = create_port(&f, "g1", "h3", Some((&mac1, &ip1)));
-    assert_eq!((&ip1b, &mac1b), (&ip1, &mac1));
+    // PUT /v1/ports/g1/node: MAC, IP and interface name stay.
+    let moved = f.json_ok(&["port", "move", "g1", "--node", "h3"]);
+    assert_eq!(moved["node"], "h3", "{moved}");
+    assert_eq!(moved["ip"].as_str(), Some(ip1.as_str()), "{moved}");
+    assert_eq!(
+        moved["mac"].as_str().map(str::to_lowercase).as_deref(),
+        Some(mac1.as_str()),
+        "{moved}"
+    );
     steps.step("guest 1 off, host 3's daemons back, port g1 moved to h3");
 
     // The old host's gateway, still attached (a client that kept the volume open there, as a
