@@ -333,6 +333,43 @@ impl Fabric {
         nodes
     }
 
+    /// Whether every replica of every chunk set of `volume` is recorded in service.
+    pub fn all_in_service(&self, volume: &str) -> bool {
+        self.json(&["volume", "show", volume])
+            .and_then(|v| {
+                Some(v["sets"].as_array()?.iter().all(|s| {
+                    s["members"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().all(|m| m["in_service"] == true))
+                }))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Waits (bounded) until every replica of `volume` is in service again and `fabctl volume
+    /// verify` (with the cluster secret) finds them all equal.
+    pub fn wait_converged(&self, volume: &str, timeout: Duration) {
+        let secret = self.secret_path();
+        let secret = secret.to_str().unwrap();
+        let t = Instant::now();
+        loop {
+            let (ok, out) = if self.all_in_service(volume) {
+                self.fabctl(&["volume", "verify", volume, "--secret-file", secret])
+            } else {
+                (false, self.fabctl(&["volume", "show", volume]).1)
+            };
+            if ok {
+                return;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "replicas of {volume} not in service and equal after {timeout:?}:\n{out}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Every daemon's log (the last lines), for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();

@@ -464,6 +464,11 @@ fn two_guests_across_hosts_survive_a_host_and_move() {
     verify_regions(&mut g1, &all);
     steps.step("host 1's gateway refuses writes; guest 1 reads its data unchanged through host 3");
 
+    // Host 3's replica, out of service since the kill, was brought back by the gateway now
+    // on host 3: all three replicas are in service and equal.
+    f.wait_converged("vol1", STEP);
+    steps.step("vol1's three replicas in service again and equal (fabctl volume verify)");
+
     g1.kill();
     g2.kill();
     eprintln!("step timings:");
