@@ -10,10 +10,13 @@
 //!   allowed so sockets can bind the VIP before its interface arrives) and
 //!   [`configure_vip_addr`] (waits for the vswitch to move the tap in, then address, link up
 //!   and the subnet's route).
+//! - All of it at once when this node starts serving the VIP: [`prepare_vip`];
+//!   [`vip_addr_present`] tells when to call it again (the interface was re-created).
 //! - Sockets in the namespace from a tokio program: [`tcp_listener_in`], [`udp_socket_in`]
 //!   and [`tcp_connect_in`] create the socket on a short-lived thread that entered the
-//!   namespace (`setns(2)`); a socket keeps its namespace for life, the thread ends, and no
-//!   runtime thread ever changes namespace.
+//!   namespace (`setns(2)`); [`NetnsSockets`] keeps one such thread for sockets made often
+//!   (backend connections). A socket keeps its namespace for life, and no runtime thread
+//!   ever changes namespace.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -43,6 +46,18 @@ pub enum OverlayError {
         vip: String,
         #[source]
         source: ClientError,
+    },
+    #[error("vip {vip}: {source}")]
+    Io {
+        vip: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("vip {vip}: network {network} has a bad subnet {subnet:?}")]
+    Subnet {
+        vip: String,
+        network: String,
+        subnet: String,
     },
     #[error("port {port} is taken by something else than vip {vip} ({what})")]
     PortTaken {
@@ -189,6 +204,95 @@ pub async fn ensure_vip_port_in(
     let p = client.move_port(&name, node).await.map_err(api_err)?;
     tracing::info!(vip = %vip.name, port = %p.name, from = %from, to = node, "vip port moved here");
     Ok(p)
+}
+
+/// A VIP's overlay side, ready for sockets: its port on this node, the namespace it is in,
+/// and its address configured there.
+#[derive(Debug, Clone)]
+pub struct OverlayVip {
+    pub port: api::Port,
+    /// Where to create the VIP's sockets ([`tcp_listener_in`], [`udp_socket_in`]) and the
+    /// sockets to its backends and health checks ([`NetnsSockets`], [`tcp_connect_in`]):
+    /// backends on the overlay network are reachable from there only.
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+}
+
+/// Everything this node does when it starts serving VIP `vip` (on an overlay network):
+/// [`ensure_vip_port`] (create, or move here), [`ensure_netns`], then
+/// [`configure_vip_addr`] once the vswitch has put the interface in (bounded by
+/// `timeout`). Idempotent: call it again when [`vip_addr_present`] says the address went
+/// (the interface was re-created, e.g. by a vswitch restart).
+pub async fn prepare_vip(
+    client: &Client,
+    vip: &api::Vip,
+    node: &str,
+    timeout: Duration,
+) -> Result<OverlayVip, OverlayError> {
+    let net = vip
+        .network
+        .as_deref()
+        .ok_or_else(|| OverlayError::NoNetwork(vip.name.clone()))?;
+    prepare_vip_in(client, vip, node, &vip_netns(net), timeout).await
+}
+
+/// [`prepare_vip`] with the namespace given.
+pub async fn prepare_vip_in(
+    client: &Client,
+    vip: &api::Vip,
+    node: &str,
+    netns: &str,
+    timeout: Duration,
+) -> Result<OverlayVip, OverlayError> {
+    let ip = vip_ip(vip)?;
+    let port = ensure_vip_port_in(client, vip, node, netns).await?;
+    let network = client
+        .get_network(&port.network)
+        .await
+        .map_err(|source| OverlayError::Api {
+            vip: vip.name.clone(),
+            source,
+        })?;
+    let prefix = volume_mgr::net::Subnet::parse(&network.subnet)
+        .map_err(|_| OverlayError::Subnet {
+            vip: vip.name.clone(),
+            network: network.name.clone(),
+            subnet: network.subnet.clone(),
+        })?
+        .prefix();
+    let (ns, ifname) = (netns.to_string(), port.ifname.clone());
+    tokio::task::spawn_blocking(move || {
+        ensure_netns(&ns)?;
+        configure_vip_addr(&ns, &ifname, ip, prefix, timeout)
+    })
+    .await
+    .map_err(io::Error::other)
+    .and_then(|r| r)
+    .map_err(|source| OverlayError::Io {
+        vip: vip.name.clone(),
+        source,
+    })?;
+    Ok(OverlayVip {
+        port,
+        netns: netns.to_string(),
+        ip,
+        prefix,
+    })
+}
+
+/// Whether `ip` is configured on `ifname` in `netns` (false when either is missing).
+/// Blocking (one `ip` run).
+pub fn vip_addr_present(netns: &str, ifname: &str, ip_addr: Ipv4Addr) -> bool {
+    Command::new("ip")
+        .args(["-n", netns, "-o", "-4", "addr", "show", "dev", ifname])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| {
+            let want = format!("inet {ip_addr}/");
+            String::from_utf8_lossy(&o.stdout).contains(&want)
+        })
 }
 
 // ---- namespaces ----------------------------------------------------------------------------
@@ -359,14 +463,7 @@ pub async fn tcp_connect_in(
     let sock = rx
         .await
         .map_err(|_| io::Error::other("the namespace thread ended without an answer"))??;
-    tokio::time::timeout(timeout, sock.connect(addr))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connecting to {addr} in namespace {netns}: no answer within {timeout:?}"),
-            )
-        })?
+    connect_bounded(sock, addr, netns, timeout).await
 }
 
 /// Enters `netns` on the current thread and runs `f` (only for threads that end right after).
@@ -377,6 +474,127 @@ fn run_in_netns_here<T>(netns: &str, f: impl FnOnce() -> io::Result<T>) -> io::R
     sys::enter_netns(&ns)
         .map_err(|e| io::Error::new(e.kind(), format!("setns {}: {e}", path.display())))?;
     f()
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that stays in one network namespace and creates sockets there on request: for
+/// sockets made often (a connection to a backend per client connection), cheaper than a
+/// thread each ([`tcp_connect_in`]). Cloning shares the thread; it ends when the last clone
+/// goes.
+#[derive(Clone)]
+pub struct NetnsSockets {
+    netns: String,
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for NetnsSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetnsSockets")
+            .field("netns", &self.netns)
+            .finish()
+    }
+}
+
+impl NetnsSockets {
+    /// Starts the thread and enters `netns` (an error if it cannot).
+    pub fn new(netns: &str) -> io::Result<NetnsSockets> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let ns = netns.to_string();
+        std::thread::Builder::new()
+            .name(format!("netns-{netns}"))
+            .spawn(move || {
+                let entered = (|| {
+                    let path = netns_path(&ns);
+                    let f = std::fs::File::open(&path).map_err(|e| {
+                        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                    })?;
+                    sys::enter_netns(&f).map_err(|e| {
+                        io::Error::new(e.kind(), format!("setns {}: {e}", path.display()))
+                    })
+                })();
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if ok {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the namespace thread ended"))??;
+        Ok(NetnsSockets {
+            netns: netns.to_string(),
+            jobs,
+        })
+    }
+
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// Runs `f` on the namespace thread and answers its result (without blocking a runtime
+    /// thread on the thread's work: the answer comes through a oneshot).
+    pub async fn run<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other("the namespace thread ended"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the namespace thread dropped the request"))?
+    }
+
+    /// A TCP connection to `addr` from the namespace, bounded by `timeout`.
+    pub async fn tcp_connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<tokio::net::TcpStream> {
+        let sock = self
+            .run(move || {
+                if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+            })
+            .await?;
+        connect_bounded(sock, addr, &self.netns, timeout).await
+    }
+
+    /// A TCP listener bound to `addr` in the namespace (std, blocking mode).
+    pub async fn tcp_listener(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        self.run(move || std::net::TcpListener::bind(addr)).await
+    }
+
+    /// A UDP socket bound to `addr` in the namespace (std, blocking mode).
+    pub async fn udp_socket(&self, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+        self.run(move || std::net::UdpSocket::bind(addr)).await
+    }
+}
+
+async fn connect_bounded(
+    sock: tokio::net::TcpSocket,
+    addr: SocketAddr,
+    netns: &str,
+    timeout: Duration,
+) -> io::Result<tokio::net::TcpStream> {
+    tokio::time::timeout(timeout, sock.connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {addr} in namespace {netns}: no answer within {timeout:?}"),
+            )
+        })?
 }
 
 mod sys {

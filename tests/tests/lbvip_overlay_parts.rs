@@ -8,8 +8,9 @@
 
 use fabric_tests::overlay::{run_timeout, Overlay, Vm, SETTLE};
 use lb_vip::overlay::{
-    configure_vip_addr, ensure_netns, ensure_vip_port_in, link_exists, run_in_netns,
-    tcp_connect_in, tcp_listener_in, udp_socket_in, vip_ifname, vip_mac,
+    configure_vip_addr, ensure_netns, ensure_vip_port_in, link_exists, prepare_vip_in,
+    run_in_netns, tcp_connect_in, tcp_listener_in, udp_socket_in, vip_addr_present, vip_ifname,
+    vip_mac, NetnsSockets,
 };
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -184,6 +185,31 @@ fn sockets_made_in_a_namespace_live_there() {
             .await
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        // The same through a long-lived namespace thread.
+        let f = NetnsSockets::new(&ns.0).unwrap();
+        for i in 0..3 {
+            let s = f
+                .tcp_connect(SocketAddr::from((addr, p2)), Duration::from_secs(5))
+                .await
+                .unwrap();
+            let (r, mut w) = s.into_split();
+            w.write_all(format!("f{i}\n").as_bytes()).await.unwrap();
+            let mut line = String::new();
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::BufReader::new(r).read_line(&mut line),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(line.trim(), format!("192.0.2.1 f{i}"));
+        }
+        let l3 = f.tcp_listener(SocketAddr::from((addr, 0))).await.unwrap();
+        assert!(l3.local_addr().unwrap().ip() == std::net::IpAddr::V4(addr));
+        let u3 = f.udp_socket(SocketAddr::from((addr, 0))).await.unwrap();
+        assert!(u3.local_addr().is_ok());
+        let e = NetnsSockets::new("fabric-no-such-ns").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
         // A namespace that does not exist is an error.
         let e = tcp_connect_in(
             "fabric-no-such-ns",
@@ -359,7 +385,23 @@ fn vip_port_on_an_overlay_answers_vms_and_moves() {
         let p = o.port("vip-web");
         p["node"] == "h1" && p["stats"]["attached"] == true
     });
-    configure_vip_addr(&vipns, &ifname, addr, 24, SETTLE).unwrap();
+    // (Both "hosts" share /run/netns here, so h2's old interface may linger in the namespace
+    // until h1's is attached: only then is the address configured.)
+    assert!(
+        !vip_addr_present(&vipns, &ifname, addr),
+        "the new interface has no address yet"
+    );
+    let (ns, v) = (vipns.clone(), vip.clone());
+    let ov = api(&o, move |c| async move {
+        prepare_vip_in(&c, &v, "h1", &ns, SETTLE).await
+    })
+    .unwrap();
+    assert_eq!(
+        (ov.ip, ov.prefix, ov.netns.as_str()),
+        (addr, 24, vipns.as_str())
+    );
+    assert_eq!(ov.port.node, "h1");
+    assert!(vip_addr_present(&vipns, &ifname, addr));
     wait_echo(&o, &vm, "192.0.2.50", 8080, "via-h1");
     // Moving to an unknown node is refused and leaves it where it is.
     let e = api(&o, |c| async move { c.move_port("vip-web", "h9").await }).unwrap_err();
