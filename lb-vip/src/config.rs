@@ -21,6 +21,7 @@ pub struct FileConfig {
     pub connect_timeout: Option<String>,
     pub udp_idle_timeout: Option<String>,
     pub vip_interface: Option<String>,
+    pub overlay_netns_prefix: Option<String>,
 }
 
 /// The validated configuration lb-vip runs with.
@@ -41,6 +42,8 @@ pub struct Config {
     /// its address to this interface (see [`crate::ha`]). None: serve every VIP whose address
     /// is local.
     pub vip_interface: Option<String>,
+    /// Overlay VIPs live in namespace PREFIX + network name (see [`crate::overlay`]).
+    pub overlay_netns_prefix: String,
 }
 
 fn duration(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, String> {
@@ -73,6 +76,7 @@ impl FileConfig {
             connect_timeout: flags.connect_timeout.or(self.connect_timeout),
             udp_idle_timeout: flags.udp_idle_timeout.or(self.udp_idle_timeout),
             vip_interface: flags.vip_interface.or(self.vip_interface),
+            overlay_netns_prefix: flags.overlay_netns_prefix.or(self.overlay_netns_prefix),
         }
     }
 
@@ -124,8 +128,20 @@ impl FileConfig {
                 ));
             }
         }
+        let overlay_netns_prefix = self
+            .overlay_netns_prefix
+            .unwrap_or_else(|| crate::overlay::NETNS_PREFIX.to_string());
+        if overlay_netns_prefix.len() > 32
+            || overlay_netns_prefix.contains(['/', ' ', '\0'])
+            || overlay_netns_prefix.starts_with('.')
+        {
+            return Err(format!(
+                "overlay-netns-prefix: {overlay_netns_prefix:?} cannot start a namespace name (at most 32 characters, no '/', spaces, or a leading '.')"
+            ));
+        }
         Ok(Config {
             vip_interface: self.vip_interface,
+            overlay_netns_prefix,
             manager,
             node,
             http_listen,
@@ -192,12 +208,14 @@ pub struct VipConfig {
     pub proxy_protocol: bool,
     pub check: CheckParams,
     pub backends: Vec<BackendConfig>,
+    /// The overlay network the VIP lives on (None: the host's own networks).
+    pub network: Option<String>,
 }
 
 impl VipConfig {
     /// The listener (address, protocol) of this VIP: a change needs a new socket.
-    pub fn listen_key(&self) -> (SocketAddr, Proto) {
-        (self.addr, self.proto)
+    pub fn listen_key(&self) -> (SocketAddr, Proto, Option<String>) {
+        (self.addr, self.proto, self.network.clone())
     }
 }
 

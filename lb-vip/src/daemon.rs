@@ -132,8 +132,15 @@ pub struct Vip {
     pub proto: Proto,
     pub connect_timeout: Duration,
     pub stats: VipStats,
+    /// The overlay network the VIP lives on, if any.
+    pub network: Option<String>,
     proxy_protocol: AtomicBool,
     state: Mutex<VipState>,
+    /// An overlay VIP's namespace while this node holds it: its socket, the connections to
+    /// its backends and its health checks are made there.
+    netns: Mutex<Option<Arc<crate::overlay::NetnsSockets>>>,
+    /// An overlay VIP's address is in place (its port is here): health checks run.
+    overlay_ready: AtomicBool,
 }
 
 impl Vip {
@@ -155,6 +162,9 @@ impl Vip {
             proto: cfg.proto,
             connect_timeout,
             stats: VipStats::default(),
+            network: cfg.network.clone(),
+            netns: Mutex::new(None),
+            overlay_ready: AtomicBool::new(false),
             proxy_protocol: AtomicBool::new(cfg.proxy_protocol),
             state: Mutex::new(VipState {
                 cfg: VipConfig {
@@ -170,6 +180,60 @@ impl Vip {
 
     pub fn proxy_protocol(&self) -> bool {
         self.proxy_protocol.load(Ordering::Relaxed)
+    }
+
+    /// The namespace an overlay VIP's sockets are made in (while held).
+    pub fn netns(&self) -> Option<Arc<crate::overlay::NetnsSockets>> {
+        self.netns.lock().unwrap().clone()
+    }
+
+    pub(crate) fn set_netns(&self, ns: Option<Arc<crate::overlay::NetnsSockets>>) {
+        *self.netns.lock().unwrap() = ns;
+    }
+
+    pub(crate) fn set_overlay_ready(&self, ready: bool) {
+        self.overlay_ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether active checks run now: always for a VIP on the host's networks; for an
+    /// overlay VIP only while its address is in place here (elsewhere its backends are not
+    /// reachable, and a check failing there would only make a later holder wait for `rise`).
+    pub fn checks_ready(&self) -> bool {
+        self.network.is_none() || self.overlay_ready.load(Ordering::Relaxed)
+    }
+
+    /// A TCP connection to backend `addr`, bounded by the connect timeout (from the overlay
+    /// namespace for an overlay VIP).
+    pub async fn connect_backend(
+        &self,
+        addr: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        if let Some(ns) = self.netns() {
+            return ns.tcp_connect(addr, self.connect_timeout).await;
+        }
+        match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", self.connect_timeout),
+            )),
+        }
+    }
+
+    /// A UDP socket for a flow to a backend (in the overlay namespace for an overlay VIP).
+    pub async fn backend_udp_socket(
+        &self,
+        any: SocketAddr,
+    ) -> std::io::Result<tokio::net::UdpSocket> {
+        match self.netns() {
+            Some(ns) => {
+                let s = ns.udp_socket(any).await?;
+                s.set_nonblocking(true)?;
+                tokio::net::UdpSocket::from_std(s)
+            }
+            None => tokio::net::UdpSocket::bind(any).await,
+        }
     }
 
     /// Chooses a backend for a new connection (flow) from `client` and counts it as active
@@ -310,14 +374,19 @@ async fn check_loop(vip: std::sync::Weak<Vip>, b: Arc<Backend>) {
             return;
         };
         tokio::time::sleep(Duration::from_millis(p.interval_ms.max(10))).await;
-        let udp = vip.upgrade().is_some_and(|v| v.proto == Proto::Udp);
+        let Some(v) = vip.upgrade() else { return };
+        if !v.checks_ready() {
+            continue;
+        }
+        let (udp, ns) = (v.proto == Proto::Udp, v.netns());
+        drop(v);
         let res = if udp && p.kind == CheckKind::Tcp {
             // A UDP backend has no TCP port to connect to: health is passive only (ICMP port
             // unreachable takes it down), and a downed backend is tried again after `rise`
             // intervals.
             Ok(())
         } else {
-            crate::health::probe(b.addr, &p)
+            crate::health::probe(b.addr, &p, ns.as_deref())
                 .await
                 .map_err(|e| e.to_string())
         };
@@ -388,13 +457,14 @@ pub fn vip_config(v: &api::Vip) -> Result<VipConfig, String> {
         proxy_protocol: v.proxy_protocol,
         check,
         backends,
+        network: v.network.clone(),
     })
 }
 
 /// A VIP and its socket task.
 struct Entry {
     vip: Arc<Vip>,
-    key: (SocketAddr, Proto),
+    key: (SocketAddr, Proto, Option<String>),
     maglev_size: usize,
     /// The accept / receive loop; None while the address is not local.
     task: Option<AbortHandle>,
@@ -425,6 +495,8 @@ struct Shared {
     cfg: Config,
     /// For the VIP leases.
     lease_client: Client,
+    /// For the rest (overlay VIP ports).
+    client: Client,
     vips: Mutex<BTreeMap<String, Entry>>,
     revision: std::sync::atomic::AtomicU64,
 }
@@ -432,14 +504,34 @@ struct Shared {
 /// Binds the VIP's socket and starts its loop; logs and leaves it unbound when the address
 /// is not on this host (or is taken).
 fn start_listener(shared: &Shared, e: &mut Entry) {
-    if e.task.is_some() || (shared.cfg.vip_interface.is_some() && !e.held) {
+    if e.task.is_some() || (e.ha.is_some() && !e.held) {
         return;
     }
     let vip = e.vip.clone();
-    let res = match vip.proto {
-        Proto::Tcp => crate::proxy::listen(vip.addr)
+    let netns = vip.netns();
+    let res = match (vip.proto, netns) {
+        (Proto::Tcp, None) => crate::proxy::listen(vip.addr)
             .map(|l| tokio::spawn(crate::proxy::serve(vip.clone(), l)).abort_handle()),
-        Proto::Udp => crate::udp::bind(vip.addr).map(|s| {
+        (Proto::Tcp, Some(ns)) => crate::overlay::tcp_listener_in(ns.netns(), vip.addr)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .map(|l| tokio::spawn(crate::proxy::serve(vip.clone(), l)).abort_handle()),
+        (Proto::Udp, Some(ns)) => crate::overlay::udp_socket_in(ns.netns(), vip.addr)
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                tokio::net::UdpSocket::from_std(s)
+            })
+            .map(|s| {
+                tokio::spawn(crate::udp::serve(
+                    vip.clone(),
+                    s,
+                    shared.cfg.udp_idle_timeout,
+                ))
+                .abort_handle()
+            }),
+        (Proto::Udp, None) => crate::udp::bind(vip.addr).map(|s| {
             tokio::spawn(crate::udp::serve(
                 vip.clone(),
                 s,
@@ -471,8 +563,23 @@ fn start_listener(shared: &Shared, e: &mut Entry) {
 
 /// Starts the lease loop of a new entry (with `--vip-interface`), once `after` (the loop of
 /// the entry it replaces, which may be removing the same address) has ended.
-fn start_ha(shared: &Arc<Shared>, e: &mut Entry, after: Option<tokio::task::JoinHandle<()>>) {
-    let Some(ifname) = shared.cfg.vip_interface.clone() else {
+fn start_ha(
+    shared: &Arc<Shared>,
+    e: &mut Entry,
+    record: &api::Vip,
+    after: Option<tokio::task::JoinHandle<()>>,
+) {
+    // An overlay VIP always has a holder (its port can be on one node only); a VIP on the
+    // host's networks only with `--vip-interface`.
+    let place = if record.network.is_some() {
+        crate::ha::Place::overlay(
+            shared.client.clone(),
+            record.clone(),
+            &shared.cfg.overlay_netns_prefix,
+        )
+    } else if let Some(ifname) = shared.cfg.vip_interface.clone() {
+        crate::ha::Place::Interface(ifname)
+    } else {
         return;
     };
     let (stop, stop_rx) = watch::channel(false);
@@ -498,7 +605,7 @@ fn start_ha(shared: &Arc<Shared>, e: &mut Entry, after: Option<tokio::task::Join
         vip: e.vip.name.clone(),
         node: shared.node.clone(),
         ip: e.vip.addr.ip(),
-        ifname,
+        place,
         stats: e.vip.clone(),
     };
     let join = tokio::spawn(async move {
@@ -547,7 +654,7 @@ fn reconcile(shared: &Arc<Shared>, items: &[api::Vip]) {
                 },
             );
             if let Some(e) = vips.get_mut(&cfg.name) {
-                start_ha(shared, e, after);
+                start_ha(shared, e, v, after);
             }
         }
         let Some(e) = vips.get_mut(&cfg.name) else {
@@ -593,6 +700,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
         cfg: cfg.clone(),
         // Lease requests on fresh connections (see `Client::new_unpooled`).
         lease_client: Client::new_unpooled(cfg.manager.clone()),
+        client: client.clone(),
         vips: Mutex::new(BTreeMap::new()),
         revision: std::sync::atomic::AtomicU64::new(0),
     });
@@ -800,6 +908,7 @@ mod tests {
                     state: BackendState::Active,
                 })
                 .collect(),
+            network: None,
         }
     }
 

@@ -18,6 +18,13 @@
 //! iproute2; the announcement is a best effort either way (a failure is logged, and the
 //! neighbours learn the new MAC when their entry goes stale).
 //!
+//! A VIP on an overlay network (`--net NET`) always runs this lease loop, with or without
+//! `--vip-interface`: its address lives on the VIP's own port of that network ([`Place::
+//! Overlay`], see [`crate::overlay`]). The holder moves the port to its node, binds the VIP's
+//! socket in the network's namespace and configures the address once its vswitch has put
+//! the interface there; no gratuitous ARP is needed (the vswitches answer ARP for the VIP
+//! from the control plane, and its MAC is the same on every host).
+//!
 //! [`Fence`] is the pure state machine (time is an argument); [`lease_loop`] drives it.
 
 use std::net::IpAddr;
@@ -223,13 +230,187 @@ pub fn announce(vip: &str, ifname: &str, ip: IpAddr) {
     });
 }
 
+/// Where a held VIP's address lives.
+pub enum Place {
+    /// `--vip-interface`: IP/32 on this host's interface, announced by gratuitous ARP.
+    Interface(String),
+    /// A VIP on an overlay network: its own port, moved to this node, in the network's
+    /// namespace.
+    Overlay(Box<OverlayPlace>),
+}
+
+/// The overlay side of a VIP ([`Place::Overlay`]).
+pub struct OverlayPlace {
+    /// For the port and the network (pooled connections; not the lease client).
+    pub client: Client,
+    /// The VIP's record (its name, address and network are what matter here).
+    pub record: api::Vip,
+    /// The namespace of the VIP's network here.
+    pub netns: String,
+    /// The task that moves the port here and configures the address (while held).
+    attach: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Place {
+    pub fn overlay(client: Client, record: api::Vip, netns_prefix: &str) -> Place {
+        let netns = crate::overlay::vip_netns_with(
+            netns_prefix,
+            record.network.as_deref().unwrap_or_default(),
+        );
+        Place::Overlay(Box::new(OverlayPlace {
+            client,
+            record,
+            netns,
+            attach: None,
+        }))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Place::Interface(i) => format!("interface {i}"),
+            Place::Overlay(o) => format!(
+                "network {}",
+                o.record.network.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Removes what an earlier run (killed) may have left behind.
+    async fn clear_leftover(&self, vip: &str, ip: IpAddr) {
+        if let Place::Interface(ifname) = self {
+            if let Err(e) = del_addr(ifname, ip).await {
+                tracing::warn!(vip, error = %e, "cannot remove a leftover VIP address");
+            }
+        }
+    }
+
+    /// Puts the address in place before the socket is bound (a new tenure).
+    async fn up(
+        &mut self,
+        vip: &str,
+        node: &str,
+        ip: IpAddr,
+        stats: &Arc<crate::daemon::Vip>,
+    ) -> Result<(), String> {
+        match self {
+            Place::Interface(ifname) => add_addr(ifname, ip).await.map_err(|e| e.to_string()),
+            Place::Overlay(o) => {
+                let net = o.record.network.clone().unwrap_or_default();
+                let ns = o.netns.clone();
+                let sockets = tokio::task::spawn_blocking(move || {
+                    crate::overlay::ensure_netns(&ns)?;
+                    crate::overlay::NetnsSockets::new(&ns)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("namespace of network {net}: {e}"))?;
+                stats.set_netns(Some(Arc::new(sockets)));
+                if let Some(old) = o.attach.take() {
+                    old.abort();
+                }
+                o.attach = Some(tokio::spawn(attach_loop(
+                    o.client.clone(),
+                    o.record.clone(),
+                    o.netns.clone(),
+                    node.to_string(),
+                    stats.clone(),
+                )));
+                tracing::debug!(
+                    vip,
+                    "overlay VIP: socket namespace ready, attaching its port"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Announces the address (a new tenure, socket bound).
+    fn announce(&self, vip: &str, ip: IpAddr) {
+        if let Place::Interface(ifname) = self {
+            announce(vip, ifname, ip);
+        }
+    }
+
+    /// Takes the address away (the socket is closed already). An overlay VIP's port stays
+    /// where it is: the next holder moves it.
+    async fn down(&mut self, vip: &str, ip: IpAddr, stats: &Arc<crate::daemon::Vip>) {
+        match self {
+            Place::Interface(ifname) => {
+                if let Err(e) = del_addr(ifname, ip).await {
+                    tracing::error!(vip, error = %e, "cannot remove the VIP address");
+                }
+            }
+            Place::Overlay(o) => {
+                if let Some(a) = o.attach.take() {
+                    a.abort();
+                }
+                stats.set_overlay_ready(false);
+                stats.set_netns(None);
+            }
+        }
+    }
+}
+
+/// While this node holds an overlay VIP: moves its port here and configures the address
+/// ([`crate::overlay::prepare_vip`], retried until it works), then checks every 2 s that the
+/// address is still there (a vswitch restart re-creates the interface) and does it again
+/// when not. Health checks of the VIP's backends run only while the address is in place.
+async fn attach_loop(
+    client: Client,
+    record: api::Vip,
+    netns: String,
+    node: String,
+    stats: Arc<crate::daemon::Vip>,
+) {
+    let mut last_err: Option<String> = None;
+    loop {
+        match crate::overlay::prepare_vip_in(
+            &client,
+            &record,
+            &node,
+            &netns,
+            Duration::from_secs(10),
+        )
+        .await
+        {
+            Ok(ov) => {
+                last_err = None;
+                stats.set_overlay_ready(true);
+                tracing::info!(vip = %record.name, netns = %ov.netns, interface = %ov.port.ifname, ip = %ov.ip, "overlay VIP attached");
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let (ns, ifname, ip) = (ov.netns.clone(), ov.port.ifname.clone(), ov.ip);
+                    let present = tokio::task::spawn_blocking(move || {
+                        crate::overlay::vip_addr_present(&ns, &ifname, ip)
+                    })
+                    .await
+                    .unwrap_or(false);
+                    if !present {
+                        tracing::warn!(vip = %record.name, interface = %ov.port.ifname, "overlay VIP address gone; attaching again");
+                        stats.set_overlay_ready(false);
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                let s = e.to_string();
+                if last_err.as_deref() != Some(s.as_str()) {
+                    tracing::warn!(vip = %record.name, error = %s, "cannot attach the overlay VIP yet; retrying");
+                    last_err = Some(s);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 /// What one VIP's lease loop works on.
 pub struct LeaseCtx {
     pub client: Client,
     pub vip: String,
     pub node: String,
     pub ip: IpAddr,
-    pub ifname: String,
+    pub place: Place,
     pub stats: Arc<crate::daemon::Vip>,
 }
 
@@ -246,14 +427,12 @@ pub async fn lease_loop(
         vip,
         node,
         ip,
-        ifname,
+        mut place,
         stats,
     } = ctx;
     // An address left behind by an earlier run on this host (killed) is not ours until the
     // lease says so.
-    if let Err(e) = del_addr(&ifname, ip).await {
-        tracing::warn!(vip, error = %e, "cannot remove a leftover VIP address");
-    }
+    place.clear_leftover(&vip, ip).await;
     let mut fence = Fence::new(LEASE_TTL, FENCE_MARGIN);
     let lose = |why: &str, fence: &Fence| {
         serve(false);
@@ -280,7 +459,7 @@ pub async fn lease_loop(
                 _ = sleep_until_opt(deadline) => {
                     if fence.poll(Instant::now()) == Some(Change::Lost) {
                         lose("not renewed in time", &fence);
-                        drop_addr(&vip, &ifname, ip).await;
+                        place.down(&vip, ip, &stats).await;
                     }
                 }
                 _ = stop.changed() => break 'outer,
@@ -304,7 +483,7 @@ pub async fn lease_loop(
                 _ = sleep_until_opt(deadline) => {
                     if fence.poll(Instant::now()) == Some(Change::Lost) {
                         lose("not renewed in time (manager slow or unreachable)", &fence);
-                        drop_addr(&vip, &ifname, ip).await;
+                        place.down(&vip, ip, &stats).await;
                     }
                 }
                 _ = stop.changed() => {
@@ -333,8 +512,8 @@ pub async fn lease_loop(
                 }
                 match fence.granted(sent, lease.epoch, Instant::now()) {
                     Some(Change::Acquired) => {
-                        if let Err(e) = add_addr(&ifname, ip).await {
-                            tracing::error!(vip, error = %e, "cannot add the VIP address; giving the lease up");
+                        if let Err(e) = place.up(&vip, &node, ip, &stats).await {
+                            tracing::error!(vip, error = %e, "cannot put the VIP address in place; giving the lease up");
                             fence.refused();
                             match client.release_vip_lease(&vip, &node).await {
                                 Ok(()) => maybe_held = false,
@@ -346,14 +525,14 @@ pub async fn lease_loop(
                             continue;
                         }
                         serve(true);
-                        announce(&vip, &ifname, ip);
+                        place.announce(&vip, ip);
                         stats.stats.holder.store(true, Ordering::Relaxed);
                         BackendStats::add(&stats.stats.lease_acquired, 1);
-                        tracing::info!(vip, %ip, interface = %ifname, epoch = lease.epoch, "VIP lease acquired; serving");
+                        tracing::info!(vip, %ip, place = %place.describe(), epoch = lease.epoch, "VIP lease acquired; serving");
                     }
                     Some(Change::Lost) => {
                         lose("renewal answered too late", &fence);
-                        drop_addr(&vip, &ifname, ip).await;
+                        place.down(&vip, ip, &stats).await;
                     }
                     None => {}
                 }
@@ -368,7 +547,7 @@ pub async fn lease_loop(
                 tracing::debug!(vip, took_ms = sent.elapsed().as_millis() as u64, reason = %message, "VIP lease refused");
                 if fence.refused() == Some(Change::Lost) {
                     lose(&message, &fence);
-                    drop_addr(&vip, &ifname, ip).await;
+                    place.down(&vip, ip, &stats).await;
                 }
             }
             Err(e) => {
@@ -385,7 +564,7 @@ pub async fn lease_loop(
     if fence.serving() {
         serve(false);
         stats.stats.holder.store(false, Ordering::Relaxed);
-        drop_addr(&vip, &ifname, ip).await;
+        place.down(&vip, ip, &stats).await;
     }
     if release && maybe_held {
         match tokio::time::timeout(
@@ -398,12 +577,6 @@ pub async fn lease_loop(
             Ok(Err(e)) => tracing::warn!(vip, error = %e, "cannot release the VIP lease"),
             Err(_) => tracing::warn!(vip, "releasing the VIP lease timed out"),
         }
-    }
-}
-
-async fn drop_addr(vip: &str, ifname: &str, ip: IpAddr) {
-    if let Err(e) = del_addr(ifname, ip).await {
-        tracing::error!(vip, error = %e, "cannot remove the VIP address");
     }
 }
 

@@ -170,18 +170,30 @@ pub enum CheckError {
 }
 
 /// Runs one check against `addr` (bounded by the timeout).
-pub async fn probe(addr: SocketAddr, p: &CheckParams) -> Result<(), CheckError> {
+/// With `netns`, the connection is made from that namespace (an overlay VIP's backends).
+pub async fn probe(
+    addr: SocketAddr,
+    p: &CheckParams,
+    netns: Option<&crate::overlay::NetnsSockets>,
+) -> Result<(), CheckError> {
     let limit = Duration::from_millis(p.timeout_ms.max(1));
-    match tokio::time::timeout(limit, probe_inner(addr, &p.kind)).await {
+    match tokio::time::timeout(limit, probe_inner(addr, &p.kind, netns, limit)).await {
         Ok(r) => r,
         Err(_) => Err(CheckError::Timeout(p.timeout_ms)),
     }
 }
 
-async fn probe_inner(addr: SocketAddr, kind: &CheckKind) -> Result<(), CheckError> {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(CheckError::Connect)?;
+async fn probe_inner(
+    addr: SocketAddr,
+    kind: &CheckKind,
+    netns: Option<&crate::overlay::NetnsSockets>,
+    limit: Duration,
+) -> Result<(), CheckError> {
+    let mut s = match netns {
+        Some(ns) => ns.tcp_connect(addr, limit).await,
+        None => tokio::net::TcpStream::connect(addr).await,
+    }
+    .map_err(CheckError::Connect)?;
     let (path, want) = match kind {
         CheckKind::Tcp => return Ok(()),
         CheckKind::Http { path, status } => (path, *status),
@@ -320,7 +332,7 @@ mod tests {
             }
         });
         let tcp = params();
-        probe(addr, &tcp).await.unwrap();
+        probe(addr, &tcp, None).await.unwrap();
         let http = |path: &str, status| CheckParams {
             kind: CheckKind::Http {
                 path: path.into(),
@@ -328,9 +340,9 @@ mod tests {
             },
             ..params()
         };
-        probe(addr, &http("/ok", 200)).await.unwrap();
+        probe(addr, &http("/ok", 200), None).await.unwrap();
         assert!(matches!(
-            probe(addr, &http("/nope", 200)).await,
+            probe(addr, &http("/nope", 200), None).await,
             Err(CheckError::Status {
                 got: 404,
                 want: 200
@@ -342,7 +354,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         assert!(matches!(
-            probe(closed, &tcp).await,
+            probe(closed, &tcp, None).await,
             Err(CheckError::Connect(_))
         ));
         // A listener that never answers an HTTP check: timeout.
@@ -352,7 +364,7 @@ mod tests {
             ..http("/ok", 200)
         };
         assert!(matches!(
-            probe(mute.local_addr().unwrap(), &p).await,
+            probe(mute.local_addr().unwrap(), &p, None).await,
             Err(CheckError::Timeout(100))
         ));
     }

@@ -35,6 +35,10 @@ struct Args {
     /// VIP whose address is local is served
     #[arg(long)]
     vip_interface: Option<String>,
+    /// Prefix of the network namespaces that hold overlay VIPs (one per network: PREFIX +
+    /// network name) [default: fabvip-]
+    #[arg(long)]
+    overlay_netns_prefix: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +64,7 @@ fn main() -> std::process::ExitCode {
         connect_timeout: args.connect_timeout,
         udp_idle_timeout: args.udp_idle_timeout,
         vip_interface: args.vip_interface,
+        overlay_netns_prefix: args.overlay_netns_prefix,
     };
     let cfg = match file.overlay(flags).resolve() {
         Ok(c) => c,

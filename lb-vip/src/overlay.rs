@@ -102,11 +102,16 @@ pub fn vip_mac(vip: &str) -> String {
 /// The namespace of a network's VIPs on an lb-vip host: `fabvip-<network>`, or `fabvip-` and
 /// 16 hex digits of a hash when that is longer than a namespace name may be.
 pub fn vip_netns(network: &str) -> String {
-    let plain = format!("{NETNS_PREFIX}{network}");
+    vip_netns_with(NETNS_PREFIX, network)
+}
+
+/// [`vip_netns`] with another prefix (`lb-vip --overlay-netns-prefix`).
+pub fn vip_netns_with(prefix: &str, network: &str) -> String {
+    let plain = format!("{prefix}{network}");
     if plain.len() <= NETNS_MAX {
         plain
     } else {
-        format!("{NETNS_PREFIX}{:016x}", hash("netns", network))
+        format!("{prefix}{:016x}", hash("netns", network))
     }
 }
 

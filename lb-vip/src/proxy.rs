@@ -90,10 +90,9 @@ async fn connect(vip: &Arc<Vip>, peer: SocketAddr) -> Option<(Slot, TcpStream)> 
             backend,
         };
         let addr = slot.backend.addr;
-        let err = match tokio::time::timeout(vip.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => return Some((slot, s)),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("connect timed out after {:?}", vip.connect_timeout),
+        let err = match vip.connect_backend(addr).await {
+            Ok(s) => return Some((slot, s)),
+            Err(e) => e.to_string(),
         };
         BackendStats::add(&slot.backend.stats.errors, 1);
         vip.passive_fail(&slot.backend, err);

@@ -133,7 +133,7 @@ async fn new_flow(
         } else {
             Ipv6Addr::UNSPECIFIED.into()
         };
-        let sock = match UdpSocket::bind(SocketAddr::new(any, 0)).await {
+        let sock = match vip.backend_udp_socket(SocketAddr::new(any, 0)).await {
             Ok(s) => s,
             Err(e) => {
                 vip.release(&backend);

@@ -84,6 +84,13 @@ impl Fabric {
         ns
     }
 
+    /// The `--overlay-netns-prefix` of the test's lb-vip instances: overlay VIPs of network
+    /// N live in namespace `namespace("vip" + N)`.
+    pub fn overlay_netns_prefix(&self) -> String {
+        let h0 = &self.net.hosts[0].ns;
+        format!("{}-vip", h0.strip_suffix("-h0").unwrap_or(h0))
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -193,6 +200,9 @@ impl Fabric {
                 .args(["--node", &format!("h{i}")])
                 .args(["--http-listen", &format!("{}:7950", h.addr)])
                 .args(["--vip-interface", vip_interface])
+                // Overlay VIPs' namespaces: the test's own (all hosts share /run/netns here;
+                // create them with `namespace("vip<network>")` first, from outside the hosts).
+                .args(["--overlay-netns-prefix", &self.overlay_netns_prefix()])
                 .env("NO_COLOR", "1")
                 .stdout(self.log(&format!("lbvip-h{i}")))
                 .stderr(self.log(&format!("lbvip-h{i}"))),
