@@ -66,7 +66,7 @@ enum Cmd {
     Vip(vip::VipCmd),
     /// Cluster health: nodes, degraded sets, recovery progress (--watch follows it).
     Status(status::StatusArgs),
-    /// Run the single-host all-in-one (volume-mgr + blockd) until Ctrl-C.
+    /// Run the single-host all-in-one (volume-mgr, blockd, vswitch, lb-vip) until Ctrl-C.
     Up(up::UpArgs),
 }
 

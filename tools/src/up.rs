@@ -1,6 +1,12 @@
-//! `fabctl up`: the single-host all-in-one. Runs volume-mgr (embedded store) and blockd (one
-//! file-backed disk) in this process, prints how to use them, and stops both cleanly on
-//! Ctrl-C. A second `up` on the same data directory finds its volumes again.
+//! `fabctl up`: the single-host all-in-one. Runs volume-mgr (embedded store), blockd (one
+//! file-backed disk), vswitch and lb-vip in this process as one supervised group, prints how
+//! to use them, and stops all cleanly on Ctrl-C / SIGTERM. A second `up` on the same data
+//! directory finds its volumes again.
+//!
+//! Failure policy: volume-mgr, blockd or lb-vip failing (at start or later) stops everything
+//! with a non-zero exit. vswitch failing (e.g. not root: it cannot create taps or open
+//! AF_PACKET sockets) is a `WARNING` line on stderr and the rest keeps running: disks work
+//! without networks.
 
 use anyhow::{bail, Context};
 use std::path::PathBuf;
@@ -29,6 +35,41 @@ pub struct UpArgs {
     /// Node name [default: the host name].
     #[arg(long)]
     pub node: Option<String>,
+    /// vswitch's underlay (VTEP) address; VXLAN on loopback is harmless on one host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub underlay_ip: String,
+    /// vswitch's VXLAN UDP port.
+    #[arg(long, default_value_t = 4789)]
+    pub vxlan_port: u16,
+    /// vswitch /metrics and /healthz address ("none" to disable).
+    #[arg(long, default_value = "127.0.0.1:7900")]
+    pub vswitch_http_listen: String,
+    /// lb-vip /metrics and /healthz address ("none" to disable).
+    #[arg(long, default_value = "127.0.0.1:7950")]
+    pub lbvip_http_listen: String,
+    /// Do not run vswitch (no overlay networks on this host).
+    #[arg(long)]
+    pub no_vswitch: bool,
+}
+
+/// Waits until something accepts TCP connections on `addr` (a daemon's HTTP listener), or
+/// `task` ends, or `limit` passes. True when it accepts.
+async fn listening<T>(addr: &str, task: &tokio::task::JoinHandle<T>, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit && !task.is_finished() {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+fn vswitch_warning(why: &str) {
+    eprintln!(
+        "fabctl up: WARNING: vswitch is not running ({why}); overlay networks and ports do not \
+         work on this host, everything else runs"
+    );
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -116,6 +157,106 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // lb-vip: fatal if it cannot start.
+    let lcfg = lb_vip::config::FileConfig {
+        manager: Some(manager_url.clone()),
+        node: Some(node.clone()),
+        http_listen: Some(args.lbvip_http_listen.clone()),
+        ..Default::default()
+    }
+    .resolve()
+    .map_err(|e| anyhow::anyhow!("lb-vip: {e}"))?;
+    let (lb_stop_tx, lb_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut lbvip = tokio::spawn(lb_vip::daemon::run(lcfg, async move {
+        let _ = lb_stop_rx.await;
+    }));
+
+    // vswitch: a warning if it cannot start; the rest runs.
+    let (vs_stop_tx, vs_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut vswitch: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    if args.no_vswitch {
+        vswitch_warning("--no-vswitch");
+    } else {
+        match (vswitch::config::FileConfig {
+            manager: Some(manager_url.clone()),
+            node: Some(node.clone()),
+            underlay_ip: Some(args.underlay_ip.clone()),
+            vxlan_port: Some(args.vxlan_port),
+            http_listen: Some(args.vswitch_http_listen.clone()),
+            ..Default::default()
+        })
+        .resolve()
+        {
+            Ok(vcfg) => {
+                vswitch = Some(tokio::spawn(vswitch::daemon::run(vcfg, async move {
+                    let _ = vs_stop_rx.await;
+                })))
+            }
+            Err(e) => vswitch_warning(&e),
+        }
+    }
+    // A daemon that cannot bind its listeners fails within moments: give both a moment, so
+    // an occupied address is not mistaken for "it listens".
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let limit = Duration::from_secs(10);
+    if args.lbvip_http_listen != "none"
+        && !listening(&args.lbvip_http_listen, &lbvip, limit).await
+        && !lbvip.is_finished()
+    {
+        lbvip.abort();
+        bail!(
+            "lb-vip did not listen on {} within 10 s",
+            args.lbvip_http_listen
+        );
+    }
+    if lbvip.is_finished() {
+        let why = match (&mut lbvip).await {
+            Ok(Ok(())) => "stopped".to_string(),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(e) => e.to_string(),
+        };
+        let _ = bd_stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(20), &mut blockd).await;
+        let _ = mgr_stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut manager).await;
+        bail!("lb-vip cannot start: {why}");
+    }
+    if let Some(vs) = vswitch.as_mut() {
+        if args.vswitch_http_listen != "none" {
+            listening(&args.vswitch_http_listen, vs, limit).await;
+        }
+        if vs.is_finished() {
+            match vs.await {
+                Ok(Ok(())) => vswitch_warning("it stopped"),
+                Ok(Err(e)) => vswitch_warning(&format!("{e:#}")),
+                Err(e) => vswitch_warning(&e.to_string()),
+            }
+            vswitch = None;
+        }
+    }
+
+    // A running vswitch that cannot register (e.g. the manager refuses its underlay) serves
+    // nothing: say so.
+    if vswitch.is_some() {
+        let start = Instant::now();
+        let mut registered = false;
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(l) = client.list_switches().await {
+                if l.items.iter().any(|s| s.node == node) {
+                    registered = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !registered {
+            eprintln!(
+                "fabctl up: WARNING: vswitch runs but has not registered with volume-mgr within \
+                 5 s (see its log lines); ports on this host are not served until it does"
+            );
+        }
+    }
+
     let volumes = client
         .list_volumes()
         .await
@@ -129,8 +270,20 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         socket.display()
     );
     println!(
-        "  metrics   http://{}/metrics  http://{}/metrics",
-        args.listen, args.blockd_http_listen
+        "  blockd    node {node}, replicas on {}, metrics http://{}/metrics",
+        args.blockd_listen, args.blockd_http_listen
+    );
+    println!("  manager metrics http://{}/metrics", args.listen);
+    match &vswitch {
+        Some(_) => println!(
+            "  vswitch   underlay {}:{} (VXLAN), metrics http://{}/metrics",
+            args.underlay_ip, args.vxlan_port, args.vswitch_http_listen
+        ),
+        None => println!("  vswitch   NOT RUNNING (see the warning above)"),
+    }
+    println!(
+        "  lb-vip    metrics http://{}/metrics",
+        args.lbvip_http_listen
     );
     if volumes.is_empty() {
         println!("No volumes yet. Create one:\n  fabctl volume create vm1 --size 10G");
@@ -141,18 +294,56 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         }
     }
     let example = volumes.first().map(|v| v.name.as_str()).unwrap_or("vm1");
-    println!("Boot a VM with it as its disk:");
-    println!("  qemu-system-x86_64 -m 1G -drive file=nbd+unix:///{example}?socket={},format=raw,if=virtio,cache=none ...", socket.display());
+    println!("Boot a VM with it as its disk and a NIC on a fabric port:");
+    println!("  fabctl net create net1 --vni 100 --subnet 192.0.2.0/24");
+    println!("  fabctl port create vm1-eth0 --net net1 --node {node} --kind netdev");
+    println!("  qemu-system-x86_64 -enable-kvm -m 1G \\");
+    println!(
+        "    -drive file=nbd+unix:///{example}?socket={},format=raw,if=virtio,cache=none \\",
+        socket.display()
+    );
+    println!("    -netdev tap,id=n0,ifname=vm1-eth0,script=no,downscript=no \\");
+    println!("    -device virtio-net-pci,netdev=n0,mac=MAC_FROM_fabctl_port_show");
     println!("Ctrl-C stops everything.");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let failure = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
-        _ = term.recv() => None,
-        r = &mut manager => Some(format!("volume-mgr stopped: {:?}", r)),
-        r = &mut blockd => Some(format!("blockd stopped: {:?}", r)),
+    let failure = loop {
+        let vs_done = async {
+            match vswitch.as_mut() {
+                Some(v) => v.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = term.recv() => break None,
+            r = &mut manager => break Some(format!("volume-mgr stopped: {}", outcome(r))),
+            r = &mut blockd => break Some(format!("blockd stopped: {}", outcome(r))),
+            r = &mut lbvip => break Some(format!("lb-vip stopped: {}", outcome(r))),
+            r = vs_done => {
+                vswitch_warning(&format!("it stopped: {}", outcome(r)));
+                vswitch = None;
+            }
+        }
     };
     eprintln!("stopping...");
+    let _ = lb_stop_tx.send(());
+    let _ = vs_stop_tx.send(());
+    if !lbvip.is_finished()
+        && tokio::time::timeout(Duration::from_secs(10), &mut lbvip)
+            .await
+            .is_err()
+    {
+        eprintln!("fabctl: lb-vip did not stop within 10 s");
+    }
+    if let Some(vs) = vswitch.as_mut() {
+        if tokio::time::timeout(Duration::from_secs(10), vs)
+            .await
+            .is_err()
+        {
+            eprintln!("fabctl: vswitch did not stop within 10 s");
+        }
+    }
     let _ = bd_stop_tx.send(());
     if !blockd.is_finished() {
         match tokio::time::timeout(Duration::from_secs(20), &mut blockd).await {
@@ -172,5 +363,13 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
             Ok(())
         }
         Some(f) => bail!(f),
+    }
+}
+
+fn outcome<E: std::fmt::Display>(r: Result<Result<(), E>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Ok(())) => "exited".into(),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(e) => e.to_string(),
     }
 }
