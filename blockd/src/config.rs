@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub replica_timeout: Option<String>,
     pub min_replicas_wait: Option<String>,
     pub recovery_bandwidth: Option<String>,
+    pub scrub_rate: Option<String>,
+    pub scrub_interval: Option<String>,
 }
 
 /// The validated configuration blockd runs with.
@@ -54,6 +56,10 @@ pub struct Config {
     /// Bytes per second this daemon's background copies (resync, re-replication) may move;
     /// 0 = unlimited.
     pub recovery_bandwidth: u64,
+    /// Bytes per second the background scrub reads to verify stored checksums; 0 = off.
+    pub scrub_rate: u64,
+    /// Pause between the end of one full scrub pass and the start of the next.
+    pub scrub_interval: Duration,
 }
 
 /// Default async workers: half the CPUs (at least one). One worker per connection's tasks
@@ -100,6 +106,8 @@ impl FileConfig {
             replica_timeout: flags.replica_timeout.or(self.replica_timeout),
             min_replicas_wait: flags.min_replicas_wait.or(self.min_replicas_wait),
             recovery_bandwidth: flags.recovery_bandwidth.or(self.recovery_bandwidth),
+            scrub_rate: flags.scrub_rate.or(self.scrub_rate),
+            scrub_interval: flags.scrub_interval.or(self.scrub_interval),
         }
     }
 
@@ -188,7 +196,18 @@ impl FileConfig {
         let recovery_bandwidth = crate::throttle::parse_bandwidth(
             self.recovery_bandwidth.as_deref().unwrap_or("100MiB/s"),
         )?;
+        let t = self.scrub_rate.as_deref().unwrap_or("8MiB/s").trim();
+        let scrub_rate = if t == "0" || t.eq_ignore_ascii_case("off") {
+            0
+        } else {
+            crate::throttle::parse_bandwidth(t)
+                .map_err(|e| e.replace("recovery-bandwidth", "scrub-rate"))?
+        };
+        let scrub_interval = parse_duration(self.scrub_interval.as_deref().unwrap_or("24h"))
+            .map_err(|e| format!("scrub-interval: {e}"))?;
         Ok(Config {
+            scrub_rate,
+            scrub_interval,
             recovery_bandwidth,
             secret,
             replica_timeout,
@@ -226,6 +245,15 @@ mod tests {
         assert_eq!(c.manager, vec!["http://127.0.0.1:7700".to_string()]);
         assert_eq!(c.listen, "127.0.0.1:7800".parse().unwrap());
         assert_eq!(c.recovery_bandwidth, 100 << 20);
+        assert_eq!(c.scrub_rate, 8 << 20);
+        assert_eq!(c.scrub_interval, Duration::from_secs(24 * 3600));
+        let file: FileConfig = toml::from_str(
+            "node = \"a\"\ndisk = [\"/d/x:1G\"]\nscrub-rate = \"1MiB/s\"\nscrub-interval = \"10m\"\n",
+        )
+        .unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!(c.scrub_rate, 1 << 20);
+        assert_eq!(c.scrub_interval, Duration::from_secs(600));
     }
 
     #[test]
@@ -276,5 +304,26 @@ mod tests {
         .resolve()
         .unwrap_err()
         .contains("recovery-bandwidth"));
+        assert!(FileConfig {
+            scrub_rate: Some("fast".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap_err()
+        .contains("scrub-rate"));
+        assert!(FileConfig {
+            scrub_interval: Some("often".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap_err()
+        .contains("scrub-interval"));
+        let off = FileConfig {
+            scrub_rate: Some("0".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(off.scrub_rate, 0);
     }
 }

@@ -67,6 +67,12 @@ pub async fn run(
         gw.clone(),
     ));
     let metrics = Arc::new(nbd::NbdMetrics::default());
+    let scrubber = Arc::new(crate::scrub::Scrubber::new(
+        store.clone(),
+        gw.clone(),
+        cfg.scrub_rate,
+        cfg.scrub_interval,
+    ));
 
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -148,7 +154,7 @@ pub async fn run(
                 source,
             })?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
-        let app = http_router(store.clone(), metrics.clone(), gw.clone());
+        let app = http_router(store.clone(), metrics.clone(), gw.clone(), scrubber.clone());
         let mut rx = stop_rx.clone();
         tasks.spawn(async move {
             let _ = axum::serve(l, app)
@@ -173,6 +179,16 @@ pub async fn run(
         cfg.node.clone(),
     ));
     agents.spawn(gateway::report_progress(gw.clone()));
+    {
+        // The scrub starts once the disks' cluster is verified (repairs need the peers).
+        let mut verified = verified_rx.clone();
+        let scrubber = scrubber.clone();
+        agents.spawn(async move {
+            if verified.wait_for(|v| *v).await.is_ok() {
+                scrubber.run().await;
+            }
+        });
+    }
 
     shutdown.await;
     tracing::info!("blockd stopping");
@@ -228,18 +244,55 @@ fn http_router(
     store: Arc<ChunkStore>,
     metrics: Arc<nbd::NbdMetrics>,
     gw: Arc<gateway::Ctx>,
+    scrubber: Arc<crate::scrub::Scrubber>,
 ) -> axum::Router {
-    use axum::routing::get;
+    use axum::routing::{get, post};
+    let s2 = scrubber.clone();
+    let st2 = store.clone();
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        // Starts a scrub pass now (when the scrub is on).
+        .route(
+            "/debug/scrub",
+            post(move || {
+                let s = s2.clone();
+                async move {
+                    s.kick.notify_one();
+                    "scrub pass requested\n"
+                }
+            }),
+        )
+        // Where a chunk's data lives on disk: `PATH OFFSET` (diagnostics, damage tests).
+        .route(
+            "/debug/chunks/{volume}/{index}",
+            get(
+                move |axum::extract::Path((volume, index)): axum::extract::Path<(u64, u64)>| {
+                    let st = st2.clone();
+                    async move {
+                        match st.locate(crate::chunkstore::layout::ChunkKey { volume, index }) {
+                            Some((p, off)) => (
+                                axum::http::StatusCode::OK,
+                                format!("{} {off}\n", p.display()),
+                            ),
+                            None => (
+                                axum::http::StatusCode::NOT_FOUND,
+                                "chunk not stored here\n".to_string(),
+                            ),
+                        }
+                    }
+                },
+            ),
+        )
         .route(
             "/metrics",
             get(move || {
                 let store = store.clone();
                 let metrics = metrics.clone();
                 let gw = gw.clone();
+                let scrubber = scrubber.clone();
                 async move {
                     let mut out = String::new();
+                    scrubber.metrics.render_prometheus(&mut out);
                     store.render_prometheus(&mut out);
                     metrics.render_prometheus(&mut out);
                     gw.metrics.render_prometheus(&mut out);

@@ -166,7 +166,7 @@ impl Op {
 }
 
 impl Replica {
-    async fn read(
+    pub async fn read(
         &self,
         chunk: Chunk,
         off: u32,
@@ -463,7 +463,7 @@ pub struct Attached {
     record_gen: AtomicU64,
 }
 
-fn chunk_of(id: u64, index: u64) -> Chunk {
+pub fn chunk_of(id: u64, index: u64) -> Chunk {
     Chunk { volume: id, index }
 }
 

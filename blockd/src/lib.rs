@@ -10,6 +10,7 @@ pub mod export;
 pub mod gateway;
 pub mod nbdgw;
 pub mod replica;
+pub mod scrub;
 pub mod sys;
 pub mod throttle;
 pub mod uring;

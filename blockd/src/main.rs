@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 /// Fabric block daemon: pools this host's disks into a chunk store and serves volumes over NBD.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
     /// TOML config file (kebab-case keys, same names as the flags; flags win).
     #[arg(long)]
@@ -54,6 +54,13 @@ struct Args {
     /// (default 100MiB/s).
     #[arg(long)]
     recovery_bandwidth: Option<String>,
+    /// Rate of the background scrub verifying stored checksums, e.g. 8MiB/s; 0 = off
+    /// (default 8MiB/s).
+    #[arg(long)]
+    scrub_rate: Option<String>,
+    /// Pause between full scrub passes (default 24h).
+    #[arg(long)]
+    scrub_interval: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,6 +93,8 @@ fn main() -> std::process::ExitCode {
         replica_timeout: args.replica_timeout,
         min_replicas_wait: args.min_replicas_wait,
         recovery_bandwidth: args.recovery_bandwidth,
+        scrub_rate: args.scrub_rate,
+        scrub_interval: args.scrub_interval,
     };
     let cfg = match file.overlay(flags).resolve() {
         Ok(c) => c,

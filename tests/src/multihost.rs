@@ -302,6 +302,39 @@ impl Cluster {
         }
     }
 
+    /// An HTTP request to host `i`'s blockd (started with `--http-listen 0.0.0.0:7801` in the
+    /// extra flags), made with curl inside that host's namespace: (2xx, body).
+    pub fn node_http(&self, i: usize, method: &str, path: &str) -> (bool, String) {
+        let out = self.net.hosts[i]
+            .command("curl")
+            .args(["-sS", "-f", "--max-time", "5", "-X", method])
+            .arg(format!("http://127.0.0.1:7801{path}"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("curl: {e}"));
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// A metric's value on host `i`'s blockd `/metrics` (a line `NAME VALUE`, NAME with its
+    /// labels as written there); None if absent or unreachable.
+    pub fn node_metric(&self, i: usize, name: &str) -> Option<f64> {
+        let (ok, body) = self.node_http(i, "GET", "/metrics");
+        if !ok {
+            return None;
+        }
+        body.lines().find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+    }
+
     /// Every daemon's log (the last lines), for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();

@@ -16,6 +16,8 @@
 
 pub mod layout;
 pub mod rangelock;
+mod scrub;
+pub use scrub::{RepairOutcome, ScrubReport};
 
 use crate::buf::AlignedBuf;
 use crate::export::ExportError;
@@ -163,6 +165,9 @@ pub struct ChunkStore {
     dirty: Mutex<Vec<Arc<Chunk>>>,
     engine: Arc<Engine>,
     pub metrics: StoreMetrics,
+    /// Chunks a read found a bad checksum in, waiting for the scrubber to repair them.
+    suspects: Mutex<BTreeSet<ChunkKey>>,
+    pub suspect_added: tokio::sync::Notify,
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -427,6 +432,8 @@ impl ChunkStore {
             dirty: Mutex::new(dirty),
             engine,
             metrics,
+            suspects: Mutex::new(BTreeSet::new()),
+            suspect_added: tokio::sync::Notify::new(),
         })
     }
 
@@ -763,6 +770,7 @@ impl ChunkStore {
                 self.metrics.checksum_errors.fetch_add(1, Ordering::Relaxed);
                 let offset = c.key.index * SLOT_SIZE + b as u64 * BLOCK;
                 tracing::error!(volume = c.key.volume, offset, "checksum mismatch");
+                self.suspect(c.key);
                 return (buf, Err(ExportError::Corrupt { offset }));
             }
         }

@@ -315,3 +315,66 @@ fn refuses_foreign_data() {
     .unwrap();
     assert!(missing.to_string().contains("give a size"), "{missing}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_finds_damage_and_repair_restores_only_matching_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = cfg(dir.path(), "d0", 64 << 20);
+    let s = ChunkStore::open(std::slice::from_ref(&d)).unwrap();
+    let k = key(5, 1);
+    let data = pattern(16384, 9);
+    write(&s, k, 0, &data).await.unwrap();
+    s.flush().await.unwrap();
+    let v0 = s.chunk_version(k).unwrap();
+    let clean = s.scrub_blocks(k, 0, 1024).await.unwrap();
+    assert_eq!(clean.bytes, 16384, "only written blocks are checked");
+    assert!(clean.bad.is_empty());
+    // Damage block 2 on disk, the way a bad sector or a stray write would.
+    let (path, off) = s.locate(k).unwrap();
+    assert_eq!(path, d.path);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let at = off + 2 * 4096 + 100;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+    f.sync_all().unwrap();
+    let rep = s.scrub_blocks(k, 0, 1024).await.unwrap();
+    assert_eq!(rep.bad, vec![2]);
+    // A read of the block fails and queues the chunk for repair.
+    assert!(matches!(
+        read(&s, k, 2 * 4096, 4096).await,
+        Err(ExportError::Corrupt { .. })
+    ));
+    assert_eq!(s.take_suspects(), vec![k]);
+    assert!(s.take_suspects().is_empty());
+    // Data that is not what this copy acknowledged is refused.
+    let other = pattern(4096, 1);
+    assert_eq!(
+        s.repair_block(k, 2, &other).await.unwrap(),
+        RepairOutcome::Mismatch
+    );
+    assert_eq!(
+        s.repair_block(k, 2, &data[2 * 4096..3 * 4096])
+            .await
+            .unwrap(),
+        RepairOutcome::Repaired
+    );
+    assert_eq!(
+        s.repair_block(k, 2, &data[2 * 4096..3 * 4096])
+            .await
+            .unwrap(),
+        RepairOutcome::AlreadyGood
+    );
+    assert_eq!(
+        s.repair_block(k, 100, &other).await.unwrap(),
+        RepairOutcome::Gone
+    );
+    assert_eq!(read(&s, k, 0, 16384).await.unwrap(), data.to_vec());
+    assert_eq!(s.chunk_version(k), Some(v0), "a repair is not a write");
+    assert!(s.scrub_blocks(k, 0, 1024).await.unwrap().bad.is_empty());
+    s.close().await.unwrap();
+}
