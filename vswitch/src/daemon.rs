@@ -144,6 +144,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
             cfg.underlay_ip
         )
     })?;
+    // Loopback's MTU is 65536; no IPv4 packet is longer than 65535 (and the manager takes
+    // underlay MTUs up to that).
+    let underlay_mtu = underlay_mtu.min(65_535);
     let underlay =
         Underlay::bind(cfg.underlay_ip, cfg.vxlan_port, cfg.tx_sockets).with_context(|| {
             format!(
