@@ -1,9 +1,11 @@
 //! fabctl: the one CLI for Fabric operators.
 
 mod net;
+mod progress;
 mod size;
 mod status;
 mod table;
+mod transfer;
 mod up;
 mod verify;
 mod vip;
@@ -100,6 +102,34 @@ enum VolumeCmd {
     },
     /// Delete a volume and its data.
     Rm { name: String },
+    /// Copy an image file (raw or qcow2) into a volume (qemu-img convert over NBD).
+    Import {
+        name: String,
+        file: std::path::PathBuf,
+        /// The file's format.
+        #[arg(long, value_enum, default_value = "auto")]
+        format: transfer::ImageFormat,
+        /// Create the volume with the image's virtual size if it does not exist.
+        #[arg(long)]
+        create: bool,
+        /// With --create: replicas of the new volume [default: the manager's].
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// The volume's NBD URL [default: from the node records].
+        #[arg(long)]
+        nbd: Option<String>,
+    },
+    /// Copy a volume into an image file (qemu-img convert over NBD).
+    Export {
+        name: String,
+        file: std::path::PathBuf,
+        /// The file's format.
+        #[arg(long, value_enum, default_value = "raw")]
+        format: transfer::ImageFormat,
+        /// The volume's NBD URL [default: from the node records].
+        #[arg(long)]
+        nbd: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -280,6 +310,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(code);
             }
         }
+        Cmd::Volume(VolumeCmd::Import {
+            name,
+            file,
+            format,
+            create,
+            replicas,
+            nbd,
+        }) => {
+            transfer::import(
+                &client,
+                transfer::ImportArgs {
+                    name: &name,
+                    file: &file,
+                    format,
+                    create,
+                    replicas,
+                    nbd: nbd.as_deref(),
+                },
+            )
+            .await?
+        }
+        Cmd::Volume(VolumeCmd::Export {
+            name,
+            file,
+            format,
+            nbd,
+        }) => transfer::export(&client, &name, &file, format, nbd.as_deref()).await?,
         Cmd::Volume(VolumeCmd::Ls) => {
             let l = client.list_volumes().await?;
             if json {
