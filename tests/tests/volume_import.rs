@@ -204,7 +204,16 @@ fn import_and_export_through_qemu_img() {
     fabctl_ok(
         &f,
         &[],
-        &["volume", "export", "vm1", &q, "--format", "qcow2"],
+        &[
+            "volume",
+            "export",
+            "vm1",
+            &q,
+            "--format",
+            "qcow2",
+            "--nbd",
+            &f.socket.to_string_lossy(),
+        ],
     );
     assert_eq!(image_format(Path::new(&q)), "qcow2");
     assert!(compare(&img, "qcow2", &q, "qcow2"), "qcow2 export != image");

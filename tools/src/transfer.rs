@@ -66,31 +66,81 @@ fn last_line(b: &[u8]) -> String {
         .to_string()
 }
 
-/// The NBD URL of `volume`: `--nbd` if given, else a registered, up blockd's unix socket
-/// (when it exists on this host) or its TCP address.
+/// The NBD URL of `volume`: from `--nbd` if given, else from the node records: the lease
+/// holder's blockd if it is up (another gateway would take the lease over and fence the
+/// holder, e.g. a running VM's), else an up blockd whose unix socket exists on this host,
+/// else the first up blockd's TCP address.
 async fn nbd_url(client: &Client, volume: &str, over: Option<&str>) -> anyhow::Result<String> {
     if let Some(u) = over {
-        if !(u.starts_with("nbd://") || u.starts_with("nbd+unix://")) {
-            bail!("--nbd {u:?}: expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH");
-        }
-        return Ok(u.to_string());
+        return nbd_override(u, volume).map_err(anyhow::Error::msg);
     }
     let nodes = client.list_nodes().await?.items;
+    let holder = match client.get_lease(volume).await {
+        Ok(l) => Some(l.holder),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e.into()),
+    };
+    pick_nbd(&nodes, holder.as_deref(), volume, |s| Path::new(s).exists())
+        .map_err(anyhow::Error::msg)
+}
+
+/// `--nbd`: a whole URL (`nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`), a
+/// unix socket path (`/run/fabric/nbd.sock`) or a TCP address (`HOST:PORT`); the export
+/// name is the volume's when not in the URL.
+fn nbd_override(u: &str, volume: &str) -> Result<String, String> {
+    let u = u.trim();
+    if u.starts_with("nbd://") || u.starts_with("nbd+unix://") {
+        return Ok(u.to_string());
+    }
+    if u.starts_with('/') {
+        return Ok(format!("nbd+unix:///{volume}?socket={u}"));
+    }
+    let port_ok = u
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+    if port_ok && !u.contains('/') && !u.contains(char::is_whitespace) {
+        return Ok(format!("nbd://{u}/{volume}"));
+    }
+    Err(format!(
+        "--nbd {u:?}: expected nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH, a socket path or HOST:PORT"
+    ))
+}
+
+/// The choice of [`nbd_url`], without I/O: `local_socket` says whether a socket path exists
+/// here.
+fn pick_nbd(
+    nodes: &[api::Node],
+    holder: Option<&str>,
+    volume: &str,
+    local_socket: impl Fn(&str) -> bool,
+) -> Result<String, String> {
     let up: Vec<&api::Node> = nodes
         .iter()
         .filter(|n| n.state == api::NodeState::Up)
         .collect();
-    if let Some(s) = up
+    let url = |n: &api::Node| -> Option<String> {
+        match n.nbd_socket.as_deref().filter(|s| local_socket(s)) {
+            Some(s) => Some(format!("nbd+unix:///{volume}?socket={s}")),
+            None if !n.nbd_address.is_empty() => Some(format!("nbd://{}/{volume}", n.nbd_address)),
+            None => None,
+        }
+    };
+    if let Some(h) = holder.and_then(|h| up.iter().find(|n| n.name == h)) {
+        if let Some(u) = url(h) {
+            return Ok(u);
+        }
+    }
+    if let Some(n) = up
         .iter()
-        .filter_map(|n| n.nbd_socket.as_deref())
-        .find(|s| Path::new(s).exists())
+        .find(|n| n.nbd_socket.as_deref().is_some_and(&local_socket))
     {
-        return Ok(format!("nbd+unix:///{volume}?socket={s}"));
+        if let Some(u) = url(n) {
+            return Ok(u);
+        }
     }
-    match up.iter().find(|n| !n.nbd_address.is_empty()) {
-        Some(n) => Ok(format!("nbd://{}/{volume}", n.nbd_address)),
-        None => bail!("no blockd node is up to serve volume {volume} over NBD (fabctl node ls)"),
-    }
+    up.iter().find_map(|n| url(n)).ok_or_else(|| {
+        format!("no blockd node is up to serve volume {volume} over NBD (see fabctl node ls)")
+    })
 }
 
 /// Runs `qemu-img convert -p ARGS`, its progress shown as `label` over `total` bytes.
@@ -260,4 +310,82 @@ pub async fn export(
         file.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, up: bool, sock: Option<&str>, addr: &str) -> api::Node {
+        api::Node {
+            name: name.into(),
+            address: "127.0.0.1:1".into(),
+            nbd_address: addr.into(),
+            nbd_socket: sock.map(String::from),
+            zone: name.into(),
+            state: if up {
+                api::NodeState::Up
+            } else {
+                api::NodeState::Down
+            },
+            last_heartbeat_ms: 0,
+            registered_ms: 0,
+        }
+    }
+
+    #[test]
+    fn nbd_is_picked_from_the_node_records() {
+        let local = |s: &str| s == "/here.sock";
+        let nodes = [
+            node("a", true, Some("/elsewhere.sock"), "10.0.0.1:10809"),
+            node("b", true, Some("/here.sock"), "10.0.0.2:10809"),
+            node("c", false, Some("/here.sock"), "10.0.0.3:10809"),
+        ];
+        // No lease: the local socket.
+        assert_eq!(
+            pick_nbd(&nodes, None, "v", local).unwrap(),
+            "nbd+unix:///v?socket=/here.sock"
+        );
+        // The lease holder wins, over TCP when its socket is not here.
+        assert_eq!(
+            pick_nbd(&nodes, Some("a"), "v", local).unwrap(),
+            "nbd://10.0.0.1:10809/v"
+        );
+        // A holder that is down is passed over.
+        assert_eq!(
+            pick_nbd(&nodes, Some("c"), "v", local).unwrap(),
+            "nbd+unix:///v?socket=/here.sock"
+        );
+        // No local socket: the first up node's TCP address.
+        assert_eq!(
+            pick_nbd(&nodes, None, "v", |_| false).unwrap(),
+            "nbd://10.0.0.1:10809/v"
+        );
+        // Nobody up.
+        let down = [node("c", false, Some("/here.sock"), "10.0.0.3:10809")];
+        assert!(pick_nbd(&down, None, "v", local)
+            .unwrap_err()
+            .contains("no blockd node is up"));
+        // Up but nothing to reach it by.
+        let bare = [node("d", true, None, "")];
+        assert!(pick_nbd(&bare, Some("d"), "v", local).is_err());
+    }
+
+    #[test]
+    fn nbd_override_forms() {
+        assert_eq!(nbd_override("nbd://h:1/x", "v").unwrap(), "nbd://h:1/x");
+        assert_eq!(
+            nbd_override("/run/fabric/nbd.sock", "v").unwrap(),
+            "nbd+unix:///v?socket=/run/fabric/nbd.sock"
+        );
+        assert_eq!(
+            nbd_override("127.0.0.1:10809", "v").unwrap(),
+            "nbd://127.0.0.1:10809/v"
+        );
+        for bad in [
+            "", "http://x", "h:", ":1", "h:0", "h:99999", "h:1/x", "a b:1",
+        ] {
+            assert!(nbd_override(bad, "v").is_err(), "{bad}");
+        }
+    }
 }
