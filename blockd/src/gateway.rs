@@ -305,14 +305,14 @@ impl Replica {
         }
     }
 
-    async fn fetch(&self, chunk: Chunk, epoch: u64) -> Result<(u64, Vec<u8>), ReplicaError> {
+    pub async fn fetch(&self, chunk: Chunk, epoch: u64) -> Result<(u64, Vec<u8>), ReplicaError> {
         match self {
             Replica::Local(s) => s.fetch(chunk, epoch).await.map_err(ReplicaError::Status),
             Replica::Remote(c) => c.fetch(chunk, epoch).await,
         }
     }
 
-    async fn install(
+    pub async fn install(
         &self,
         chunk: Chunk,
         epoch: u64,

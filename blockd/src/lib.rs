@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod export;
 pub mod gateway;
 pub mod nbdgw;
+pub mod repair;
 pub mod replica;
 pub mod scrub;
 pub mod sys;

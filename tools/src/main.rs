@@ -99,6 +99,10 @@ enum VolumeCmd {
         /// The cluster secret file (the one blockd uses) to talk to the replicas.
         #[arg(long, env = "FABRIC_SECRET_FILE", default_value = verify::DEFAULT_SECRET_FILE)]
         secret_file: std::path::PathBuf,
+        /// Repair first: every in-service copy of each chunk gets the copy with the highest
+        /// chunk version whose checksums are all good (then verify runs; exit 0 only if equal).
+        #[arg(long)]
+        repair: bool,
     },
     /// Delete a volume and its data.
     Rm { name: String },
@@ -304,8 +308,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Volume(VolumeCmd::Verify { name, secret_file }) => {
-            let code = verify::run(&client, &name, &secret_file, json).await?;
+        Cmd::Volume(VolumeCmd::Verify {
+            name,
+            secret_file,
+            repair,
+        }) => {
+            let code = verify::run(&client, &name, &secret_file, json, repair).await?;
             if code != 0 {
                 std::process::exit(code);
             }

@@ -1,7 +1,9 @@
 //! `fabctl volume verify NAME`: compares the version and content digest of every chunk on
 //! every replica of a volume (talking to each host's replica protocol with the cluster
 //! secret) and prints each difference; exit status 1 if there is any, or if a replica could
-//! not be reached.
+//! not be reached. With `--repair` a repair pass runs first (`blockd::repair`: every
+//! in-service copy of each chunk gets the copy with the highest chunk version whose checksums
+//! are all good) and prints what it replaced; the verify after it decides the exit status.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +18,7 @@ pub async fn run(
     name: &str,
     secret_file: &Path,
     json: bool,
+    repair: bool,
 ) -> anyhow::Result<i32> {
     let secret = std::fs::read(secret_file).map_err(|e| {
         anyhow::anyhow!(
@@ -24,6 +27,31 @@ pub async fn run(
         )
     })?;
     let secret = secret.trim_ascii().to_vec();
+    let repaired = if repair {
+        let r = blockd::repair::repair_volume(client, name, &secret, Duration::from_secs(10))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if !json {
+            for l in &r.repaired {
+                println!("REPAIRED {l}");
+            }
+            for l in &r.failed {
+                println!("UNREPAIRED {l}");
+            }
+            for l in &r.unreachable {
+                println!("UNREACHABLE {l}");
+            }
+            println!(
+                "volume {name}: repair checked {} chunks, replaced {} copies, {} failures",
+                r.chunks_checked,
+                r.repaired.len(),
+                r.failed.len()
+            );
+        }
+        Some(r)
+    } else {
+        None
+    };
     let (vol, report) =
         blockd::gateway::verify_volume(client, name, &secret, Duration::from_secs(10))
             .await
@@ -43,7 +71,12 @@ pub async fn run(
             )
         })
         .collect();
-    let bad = !report.differences.is_empty() || !report.unreachable.is_empty();
+    // A repair that left a chunk without a good copy fails the run even if the records agree.
+    let bad = !report.differences.is_empty()
+        || !report.unreachable.is_empty()
+        || repaired
+            .as_ref()
+            .is_some_and(|r| !r.failed.is_empty() || !r.unreachable.is_empty());
     if json {
         println!(
             "{}",
@@ -54,6 +87,7 @@ pub async fn run(
                 "differences": report.differences,
                 "unreachable": report.unreachable,
                 "out_of_service": out_of_service,
+                "repair": repaired,
             })
         );
     } else {
