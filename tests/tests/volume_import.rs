@@ -107,7 +107,7 @@ fn progress_lines<'a>(stderr: &'a str, label: &str) -> Vec<&'a str> {
 
 #[test]
 fn import_and_export_through_qemu_img() {
-    for t in ["qemu-img", "qemu-io", "nbdinfo", "timeout"] {
+    for t in ["qemu-img", "qemu-io", "nbdinfo", "timeout", "script"] {
         require(t);
     }
     let f = Fabric::start("2G");
@@ -135,6 +135,7 @@ fn import_and_export_through_qemu_img() {
         &[("FABCTL_PROGRESS_INTERVAL", "0")],
         &["volume", "import", "vm1", &img, "--create"],
     );
+    eprintln!("{}", o.stderr);
     let lines = progress_lines(&o.stderr, "import vm1");
     assert!(
         lines.len() >= 3,
@@ -255,6 +256,38 @@ fn import_and_export_through_qemu_img() {
     // The volume is larger: qemu-img compare says so but compares the common part (and the
     // rest must read as zeroes).
     assert!(ok, "raw import into a larger volume: {out}");
+
+    // On a terminal (a pty from script(1)): a bar redrawn in place, no plain lines.
+    let q = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
+    let cmd = [
+        bin("fabctl").to_string_lossy().into_owned(),
+        "--manager".into(),
+        f.manager_url.clone(),
+        "volume".into(),
+        "import".into(),
+        "tty".into(),
+        img.clone(),
+        "--create".into(),
+    ]
+    .iter()
+    .map(|a| q(a))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let out = run(Command::new("timeout")
+        .args(["-s", "KILL", "180", "script", "-qec", &cmd, "/dev/null"])
+        .env_remove("FABCTL_PROGRESS_INTERVAL"));
+    assert!(
+        out.contains("\r\x1b[2Kimport tty [") && out.contains("] 100%  96 MiB / 96 MiB"),
+        "no bar on a terminal: {out:?}"
+    );
+    assert!(
+        !out.contains("fabctl: import tty: "),
+        "plain lines on a terminal: {out:?}"
+    );
+    assert!(
+        compare(&img, "qcow2", &f.unix_url("tty"), "raw"),
+        "import on a terminal"
+    );
 
     // Bad input: one line, non-zero exit.
     refused(

@@ -84,6 +84,8 @@ impl Progress {
         let now = Instant::now();
         let due = match (self.style, self.last) {
             (_, None) => true,
+            // The last plain line is finish()'s.
+            (Style::Plain, Some(_)) if self.done == self.total => false,
             (Style::Bar, Some(t)) => now.duration_since(t) >= BAR_INTERVAL,
             (Style::Plain, Some(t)) => now.duration_since(t) >= self.interval,
         };
@@ -170,11 +172,12 @@ fn rate(done: u64, elapsed: Duration) -> Option<f64> {
     (s > 0.05 && done > 0).then(|| done as f64 / s)
 }
 
-/// `8 s`, `2 min 5 s`, `1 h 3 min`.
+/// `0.4 s`, `8.0 s`, `42 s`, `2 min 5 s`, `1 h 3 min`.
 pub fn duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
-        0..=59 => format!("{s} s"),
+        0..=9 => format!("{:.1} s", d.as_secs_f64()),
+        10..=59 => format!("{s} s"),
         60..=3599 => format!("{} min {} s", s / 60, s % 60),
         _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
     }
@@ -216,7 +219,7 @@ pub fn plain_done_line(label: &str, total: u64, elapsed: Duration) -> String {
         "fabctl: {label}: {} / {} (100%), {}, done in {}",
         human(total),
         human(total),
-        rate_str(rate(total, elapsed)),
+        rate_str((total > 0 && !elapsed.is_zero()).then(|| total as f64 / elapsed.as_secs_f64())),
         duration(elapsed)
     )
 }
@@ -347,8 +350,10 @@ mod tests {
         );
         assert_eq!(
             bar_line("import vm1", 1 << 30, 2 << 30, s),
-            "import vm1 [############------------]  50%  1 GiB / 2 GiB  256 MiB/s  ETA 4 s"
+            "import vm1 [############------------]  50%  1 GiB / 2 GiB  256 MiB/s  ETA 4.0 s"
         );
+        assert_eq!(duration(Duration::from_millis(400)), "0.4 s");
+        assert_eq!(duration(Duration::from_secs(42)), "42 s");
         assert_eq!(duration(Duration::from_secs(125)), "2 min 5 s");
         assert_eq!(duration(Duration::from_secs(3780)), "1 h 3 min");
         // A zero-byte total is complete, not a division by zero.
@@ -393,6 +398,27 @@ mod tests {
         assert_eq!(lines.len(), 2, "{out}");
         assert!(lines[0].starts_with("fabctl: import v: 0 B / 1000 B (0%)"));
         assert!(lines[1].starts_with("fabctl: import v: 1000 B / 1000 B (100%)"));
+
+        // Interval 0: every update is a line, but 100% only once (finish's).
+        let sink = Sink::default();
+        let mut p = Progress::with_output(
+            "export v",
+            1000,
+            Style::Plain,
+            Duration::ZERO,
+            Box::new(sink.clone()),
+        );
+        for d in [0, 500, 1000] {
+            p.set(d);
+        }
+        p.finish();
+        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let pcts: Vec<&str> = out
+            .lines()
+            .map(|l| l.split(['(', ')']).nth(1).unwrap_or(""))
+            .collect();
+        assert_eq!(pcts, ["0%", "50%", "100%"], "{out}");
+        assert!(out.lines().last().unwrap().contains("done in"), "{out}");
         assert!(!out.contains('\r'));
     }
 
