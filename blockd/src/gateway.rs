@@ -1309,6 +1309,10 @@ impl Attached {
                 if same(&a, &b) {
                     continue;
                 }
+                // Paid for before the copy (outside the chunk's lock: writes to it do not
+                // wait for the throttle), corrected by its real size after.
+                const RESERVE: u64 = SLOT_SIZE;
+                self.ctx.throttle.reserve(RESERVE).await;
                 let _g = self
                     .lock(idx, 0, BLOCKS, true)
                     .await
@@ -1324,13 +1328,13 @@ impl Attached {
                     t_ok && s_ok
                 };
                 if !still {
+                    self.ctx.throttle.settle(RESERVE, 0);
                     return Err("replica state changed during resync".into());
                 }
                 let before = self.ctx.metrics.resync_bytes.load(Ordering::Relaxed);
-                self.copy_chunk(idx, &src, &[node]).await?;
+                let res = self.copy_chunk(idx, &src, &[node]).await;
                 copied += 1;
                 drop(_g);
-                // Throttled outside the chunk's lock (writes to it do not wait for it).
                 let n = self
                     .ctx
                     .metrics
@@ -1344,7 +1348,8 @@ impl Attached {
                     .unwrap()
                     .entry(self.name.clone())
                     .or_default() += n;
-                self.ctx.throttle.take(n).await;
+                self.ctx.throttle.settle(RESERVE, n);
+                res?;
             }
         }
         target

@@ -29,6 +29,13 @@ impl Bucket {
         }
     }
 
+    /// Adds `delta` tokens (negative: takes them), capped at the burst.
+    pub fn adjust(&mut self, delta: f64) {
+        if self.rate != 0 {
+            self.tokens = (self.tokens + delta).min(self.burst);
+        }
+    }
+
     /// Takes `n` bytes at `now`; returns how long the caller must wait before the next copy.
     pub fn take(&mut self, n: u64, now: Instant) -> Duration {
         if self.rate == 0 {
@@ -59,6 +66,29 @@ impl Throttle {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Reserves `n` bytes before a copy and sleeps until they are paid for: copies running
+    /// in several tasks queue behind each other instead of each copying first and paying
+    /// after (which let every task add a chunk to the burst). [`settle`](Self::settle)
+    /// corrects the reservation once the copy's size is known.
+    pub async fn reserve(&self, n: u64) {
+        let wait = {
+            let mut b = self.0.lock().unwrap();
+            let now = Instant::now();
+            // The balance after taking `n`: the wait is what pays it back to zero.
+            b.take(n, now)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// After a copy of `actual` bytes that reserved `reserved`: gives back what was not
+    /// used, or takes the rest (without waiting; the next reservation waits for it).
+    pub fn settle(&self, reserved: u64, actual: u64) {
+        let mut b = self.0.lock().unwrap();
+        b.adjust(reserved as f64 - actual as f64);
     }
 }
 
