@@ -128,6 +128,15 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
     .resolve()
     .map_err(anyhow::Error::msg)?;
     let node = bcfg.node.clone();
+    // lb-vip's settings are checked before blockd starts: a bad one stops nothing half-way.
+    let lcfg = lb_vip::config::FileConfig {
+        manager: Some(manager_url.clone()),
+        node: Some(node.clone()),
+        http_listen: Some(args.lbvip_http_listen.clone()),
+        ..Default::default()
+    }
+    .resolve()
+    .map_err(|e| anyhow::anyhow!("lb-vip: {e}"))?;
     let (bd_stop_tx, bd_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut blockd = tokio::spawn(blockd::daemon::run(bcfg, async move {
         let _ = bd_stop_rx.await;
@@ -158,14 +167,6 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // lb-vip: fatal if it cannot start.
-    let lcfg = lb_vip::config::FileConfig {
-        manager: Some(manager_url.clone()),
-        node: Some(node.clone()),
-        http_listen: Some(args.lbvip_http_listen.clone()),
-        ..Default::default()
-    }
-    .resolve()
-    .map_err(|e| anyhow::anyhow!("lb-vip: {e}"))?;
     let (lb_stop_tx, lb_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut lbvip = tokio::spawn(lb_vip::daemon::run(lcfg, async move {
         let _ = lb_stop_rx.await;
@@ -215,6 +216,10 @@ async fn run_async(args: UpArgs, data_dir: PathBuf) -> anyhow::Result<()> {
             Ok(Err(e)) => format!("{e:#}"),
             Err(e) => e.to_string(),
         };
+        let _ = vs_stop_tx.send(());
+        if let Some(vs) = vswitch.as_mut() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), vs).await;
+        }
         let _ = bd_stop_tx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(20), &mut blockd).await;
         let _ = mgr_stop_tx.send(());
