@@ -413,3 +413,57 @@ fn quick_return_of_a_detached_volume_moves_only_the_delta() {
         ],
     );
 }
+
+/// `fabctl node drain`: every replica on h4 moves to the other hosts (h4's copy serving until
+/// the new one is in service), the pattern reads back and every replica is equal; `node rm`
+/// of a node that still holds replicas is refused naming the volume, and of the drained node
+/// (its blockd stopped) succeeds.
+#[test]
+fn drained_node_empties_and_can_be_removed() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // out_after far beyond the test: only the drain moves replicas.
+    let mut c = cluster("10m");
+    write_all(&c, 0x6b);
+    c.wait_converged("vol", Duration::from_secs(30));
+    let on_h4 = sets(&c)
+        .iter()
+        .filter(|(_, n)| n.contains(&"h4".to_string()))
+        .count();
+    assert!(on_h4 > 0, "placement put nothing on h4: {:?}", sets(&c));
+    let (ok, out) = c.fabctl(&["node", "rm", "h1"]);
+    assert!(
+        !ok && out.contains("vol"),
+        "rm of a node holding replicas: {out}"
+    );
+    let t = Instant::now();
+    let out = c.fabctl_ok(&["node", "drain", "h4", "--timeout", "60s"]);
+    eprintln!("{out}drained {on_h4} sets in {:?}", t.elapsed());
+    assert!(out.contains("drained"), "{out}");
+    let s = sets(&c);
+    assert!(
+        s.iter()
+            .all(|(i, n)| *i == 3 && n.len() == 3 && !n.contains(&"h4".to_string())),
+        "{s:?}"
+    );
+    c.wait_converged("vol", Duration::from_secs(30));
+    read_check(
+        &c,
+        &(0..4)
+            .map(|i| format!("read -P 0x6b {} 16M", i * (16 << 20)))
+            .collect::<Vec<_>>(),
+    );
+    // The drained node drops its copies (its agent sees the sets no longer list it).
+    let t = Instant::now();
+    while disk_used(&c, "h4").unwrap_or(1) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "h4 still holds {:?} bytes",
+            disk_used(&c, "h4")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    c.kill_node(4);
+    c.fabctl_ok(&["node", "rm", "h4"]);
+    let nodes = c.fabctl_ok(&["node", "ls"]);
+    assert!(!nodes.contains("h4"), "{nodes}");
+}

@@ -1,6 +1,7 @@
 //! fabctl: the one CLI for Fabric operators.
 
 mod net;
+mod node;
 mod progress;
 mod size;
 mod status;
@@ -140,6 +141,18 @@ enum VolumeCmd {
 enum NodeCmd {
     /// List nodes with their state.
     Ls,
+    /// Move every replica off a node (marks it draining; waits until it holds nothing).
+    Drain {
+        name: String,
+        /// Return once marked, without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest wait for the node to empty (exit 1 after it).
+        #[arg(long, default_value = "1h", value_parser = volume_mgr::humantime_serde::parse)]
+        timeout: std::time::Duration,
+    },
+    /// Remove a node's record (refused while it still holds replicas: drain it first).
+    Rm { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -410,6 +423,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("deleted volume {name}");
             }
         }
+        Cmd::Node(NodeCmd::Drain {
+            name,
+            no_wait,
+            timeout,
+        }) => {
+            let code = node::drain(&client, &name, no_wait, timeout, json).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Cmd::Node(NodeCmd::Rm { name }) => node::rm(&client, &name).await?,
         Cmd::Node(NodeCmd::Ls) => {
             let l = client.list_nodes().await?;
             if json {

@@ -84,6 +84,16 @@ pub struct Node {
     pub registered_ms: u64,
 }
 
+/// `POST /v1/nodes/{name}/drain`: the node is draining; `volumes` still have replicas on it
+/// (`NAME (N sets)`), empty once it holds nothing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDrain {
+    pub node: String,
+    pub draining: bool,
+    pub volumes: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {

@@ -177,6 +177,21 @@ impl Client {
         self.get(&format!("/v1/nodes/{}", seg(name))).await
     }
 
+    /// Marks a node draining; answers the volumes that still have replicas on it.
+    pub async fn drain_node(&self, name: &str) -> Result<api::NodeDrain, ClientError> {
+        self.send(
+            Method::POST,
+            &format!("/v1/nodes/{}/drain", seg(name)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Removes a node's record (409 while it still holds replicas).
+    pub async fn remove_node(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/nodes/{}", seg(name))).await
+    }
+
     pub async fn list_disks(&self) -> Result<api::List<api::Disk>, ClientError> {
         self.get("/v1/disks").await
     }

@@ -39,7 +39,7 @@ use crate::store::{Cond, Kind, Op};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -166,6 +166,83 @@ pub fn plan(
             }),
             None => {
                 tracing::debug!(volume = %v.name, set = s, "no node left to re-home a replica to")
+            }
+        }
+    }
+    out
+}
+
+/// One drain step (see [`plan_drain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainStep {
+    /// Set `set` of `volume` gets a new member on `to`, recorded out of service (the lease
+    /// holder copies it).
+    Add {
+        volume: String,
+        set: usize,
+        to: String,
+    },
+    /// The draining `node` leaves set `set` of `volume`: `replicas` other members are in
+    /// service.
+    Remove {
+        volume: String,
+        set: usize,
+        node: String,
+    },
+}
+
+/// Plans this pass's drain steps (pure: unit-tested). A set listing a draining node gets one
+/// new member (by the placement rules, never a draining node) while it has fewer than
+/// `replicas` members on other nodes; the draining member stays in service meanwhile and
+/// leaves only once `replicas` members on other nodes are in service. `budget` bounds the
+/// additions (copies) started; removals are not bounded.
+pub fn plan_drain(
+    volumes: &[api::Volume],
+    draining: &BTreeSet<String>,
+    nodes: &HashMap<String, NodeView>,
+    candidates: &[crate::placement::Candidate],
+    budget: usize,
+) -> Vec<DrainStep> {
+    let mut out = Vec::new();
+    let mut added = 0;
+    for v in volumes {
+        let r = v.replicas.max(1) as usize;
+        for (s, set) in v.sets.iter().enumerate() {
+            let Some(d) = set.members.iter().find(|m| draining.contains(&m.node)) else {
+                continue;
+            };
+            let others: Vec<&api::Member> = set
+                .members
+                .iter()
+                .filter(|m| !draining.contains(&m.node))
+                .collect();
+            if others.iter().filter(|m| m.in_service).count() >= r {
+                out.push(DrainStep::Remove {
+                    volume: v.name.clone(),
+                    set: s,
+                    node: d.node.clone(),
+                });
+            } else if others.len() < r && added < budget {
+                let exclude: Vec<String> = set.members.iter().map(|m| m.node.clone()).collect();
+                let zones: Vec<String> = others
+                    .iter()
+                    .filter_map(|m| nodes.get(&m.node).map(|n| n.zone.clone()))
+                    .collect();
+                let cands: Vec<crate::placement::Candidate> = candidates
+                    .iter()
+                    .filter(|c| !draining.contains(&c.name))
+                    .cloned()
+                    .collect();
+                if let Some(to) =
+                    crate::placement::replace(v.id, s as u64, &cands, &exclude, &zones)
+                {
+                    added += 1;
+                    out.push(DrainStep::Add {
+                        volume: v.name.clone(),
+                        set: s,
+                        to,
+                    });
+                }
             }
         }
     }
@@ -314,12 +391,26 @@ pub async fn pass(app: &App) -> Result<usize, String> {
         .filter(|m| !m.in_service && views.get(&m.node).is_some_and(|n| n.up))
         .count();
     let budget = MAX_SYNCING.saturating_sub(syncing);
-    if budget == 0 {
-        return Ok(0);
-    }
     let (_, ds) = crate::server::disks(app).map_err(err)?;
     let candidates = crate::server::placement_candidates(app, &ds).map_err(err)?;
-    let moves = plan(&vols, &views, &candidates, budget);
+    let moves = if budget == 0 {
+        Vec::new()
+    } else {
+        plan(&vols, &views, &candidates, budget)
+    };
+    if moves.is_empty() {
+        // Drains go on when nothing is lost (a lost replica comes first).
+        let mut draining = BTreeSet::new();
+        for name in views.keys() {
+            if crate::server::is_draining(app, name).map_err(err)? {
+                draining.insert(name.clone());
+            }
+        }
+        if !draining.is_empty() {
+            let steps = plan_drain(&vols, &draining, &views, &candidates, budget);
+            return apply_drain(app, &vols, &raw, &steps);
+        }
+    }
     let mut done = 0;
     let mut by_vol: BTreeMap<&str, Vec<&Move>> = BTreeMap::new();
     for m in &moves {
@@ -356,6 +447,56 @@ pub async fn pass(app: &App) -> Result<usize, String> {
     app.recovery
         .replaced
         .fetch_add(done as u64, Ordering::Relaxed);
+    Ok(done)
+}
+
+/// Records drain steps, one commit per volume (conditional on the record read).
+fn apply_drain(
+    app: &App,
+    vols: &[api::Volume],
+    raw: &HashMap<String, Vec<u8>>,
+    steps: &[DrainStep],
+) -> Result<usize, String> {
+    let mut by_vol: BTreeMap<&str, Vec<&DrainStep>> = BTreeMap::new();
+    for st in steps {
+        let v = match st {
+            DrainStep::Add { volume, .. } | DrainStep::Remove { volume, .. } => volume,
+        };
+        by_vol.entry(v.as_str()).or_default().push(st);
+    }
+    let mut done = 0;
+    for (name, sts) in by_vol {
+        let Some(mut v) = vols.iter().find(|v| v.name == name).cloned() else {
+            continue;
+        };
+        for st in &sts {
+            match st {
+                DrainStep::Add { set, to, .. } => v.sets[*set].members.push(api::Member {
+                    node: to.clone(),
+                    in_service: false,
+                }),
+                DrainStep::Remove { set, node, .. } => {
+                    v.sets[*set].members.retain(|m| &m.node != node)
+                }
+            }
+        }
+        let rev = app
+            .store
+            .commit(
+                &[Cond::Equals(
+                    Kind::Volume,
+                    name.to_string(),
+                    raw.get(name).cloned(),
+                )],
+                &[Op::Put(Kind::Volume, name.to_string(), encode(&v))],
+            )
+            .map_err(|e| e.to_string())?;
+        app.volume_rev.send_replace(rev);
+        for st in sts {
+            tracing::info!(step = ?st, "drain step recorded");
+            done += 1;
+        }
+    }
     Ok(done)
 }
 
@@ -681,6 +822,51 @@ mod tests {
         assert_eq!(p.len(), 2);
         assert_ne!(p[0].to, p[1].to);
         assert!(p.iter().all(|m| m.to != "a"));
+    }
+
+    #[test]
+    fn drain_adds_then_removes_keeping_the_old_copy_until_the_new_one_serves() {
+        let draining: BTreeSet<String> = ["d".to_string()].into();
+        let nodes = views(&["a", "b", "d", "e"], &[]);
+        let all = cands(&["a", "b", "d", "e"]);
+        // Step 1: a new member, never on the draining node; the old copy stays.
+        let v = vol(
+            "v",
+            vec![
+                vec![("a", true), ("b", true), ("d", true)],
+                vec![("a", true), ("b", true), ("e", true)],
+            ],
+        );
+        let p = plan_drain(std::slice::from_ref(&v), &draining, &nodes, &all, 8);
+        assert_eq!(
+            p,
+            vec![DrainStep::Add {
+                volume: "v".into(),
+                set: 0,
+                to: "e".into()
+            }]
+        );
+        // While the new member syncs: nothing more (no second copy, no removal).
+        let syncing = vol(
+            "v",
+            vec![vec![("a", true), ("b", true), ("d", true), ("e", false)]],
+        );
+        assert!(plan_drain(&[syncing], &draining, &nodes, &all, 8).is_empty());
+        // Once it serves, the draining member leaves.
+        let done = vol(
+            "v",
+            vec![vec![("a", true), ("b", true), ("d", true), ("e", true)]],
+        );
+        assert_eq!(
+            plan_drain(&[done], &draining, &nodes, &all, 8),
+            vec![DrainStep::Remove {
+                volume: "v".into(),
+                set: 0,
+                node: "d".into()
+            }]
+        );
+        // No budget: no copy starts.
+        assert!(plan_drain(&[v], &draining, &nodes, &all, 0).is_empty());
     }
 
     #[test]

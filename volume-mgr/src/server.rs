@@ -26,7 +26,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -538,6 +538,90 @@ fn check_domains(candidates: &[crate::placement::Candidate], replicas: u32) -> A
     )))
 }
 
+/// Key (in `Kind::Meta`) of a node's durable drain mark.
+pub(crate) fn drain_key(node: &str) -> String {
+    format!("draining/{node}")
+}
+
+/// Whether `node` is marked draining (placement never picks it; its replicas move away).
+pub(crate) fn is_draining(app: &App, node: &str) -> ApiResult<bool> {
+    Ok(app.store.get(Kind::Meta, &drain_key(node))?.is_some())
+}
+
+/// Volumes (name, set count) that list `node` in a chunk set.
+fn volumes_on(app: &App, node: &str) -> ApiResult<Vec<String>> {
+    let mut out = Vec::new();
+    for (name, b) in app.store.list(Kind::Volume)?.1 {
+        let v: api::Volume = decode(&b)?;
+        let n = v
+            .sets
+            .iter()
+            .filter(|s| s.members.iter().any(|m| m.node == node))
+            .count();
+        if n > 0 {
+            out.push(format!("{name} ({n} sets)"));
+        }
+    }
+    Ok(out)
+}
+
+/// `POST /v1/nodes/{name}/drain`: marks the node draining (durably). Placement skips it and
+/// the recovery controller moves every replica it holds to other nodes, keeping its copy in
+/// service until the new one is. Answers what is left to move.
+async fn drain_node(
+    State(app): State<AppState>,
+    Name(name): Name,
+) -> ApiResult<Json<api::NodeDrain>> {
+    let _g = app.mutate.lock().await;
+    if app.store.get(Kind::Node, &name)?.is_none() {
+        return Err(not_found(format!("node {name} is not registered")));
+    }
+    if !is_draining(&app, &name)? {
+        app.store
+            .commit(&[], &[Op::Put(Kind::Meta, drain_key(&name), encode(&true))])?;
+        tracing::info!(node = %name, "node marked draining");
+    }
+    Ok(Json(api::NodeDrain {
+        node: name.clone(),
+        draining: true,
+        volumes: volumes_on(&app, &name)?,
+    }))
+}
+
+/// `DELETE /v1/nodes/{name}`: removes the node's record (and its disks and drain mark).
+/// Refused (409 `node_in_use`, naming the volumes) while any chunk set lists the node.
+async fn remove_node(State(app): State<AppState>, Name(name): Name) -> ApiResult<StatusCode> {
+    let _g = app.mutate.lock().await;
+    if app.store.get(Kind::Node, &name)?.is_none() {
+        return Err(not_found(format!("node {name} is not registered")));
+    }
+    let vols = volumes_on(&app, &name)?;
+    if !vols.is_empty() {
+        return Err(Error(
+            StatusCode::CONFLICT,
+            "node_in_use",
+            format!(
+                "node {name} still holds replicas of {}; drain it first (fabctl node drain {name})",
+                vols.join(", ")
+            ),
+        ));
+    }
+    let mut ops = vec![
+        Op::Delete(Kind::Node, name.clone()),
+        Op::Delete(Kind::Meta, drain_key(&name)),
+    ];
+    let prefix = format!("{name}:");
+    for (k, _) in app.store.list(Kind::Disk)?.1 {
+        if k.starts_with(&prefix) {
+            ops.push(Op::Delete(Kind::Disk, k));
+        }
+    }
+    app.store.commit(&[], &ops)?;
+    app.live.lock().unwrap().remove(&name);
+    tracing::info!(node = %name, "node removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Most chunk sets per volume (each is placed on its own R nodes).
 pub const MAX_SETS: u64 = 32;
 
@@ -550,7 +634,7 @@ pub(crate) fn placement_candidates(
     let mut out = Vec::new();
     for (_, b) in nodes {
         let n = with_liveness(app, decode::<api::Node>(&b)?);
-        if n.state != api::NodeState::Up {
+        if n.state != api::NodeState::Up || is_draining(app, &n.name)? {
             continue;
         }
         let free: u64 = ds
@@ -840,7 +924,11 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/cluster", get(cluster))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", put(register).get(get_node))
+        .route(
+            "/v1/nodes/{name}",
+            put(register).get(get_node).delete(remove_node),
+        )
+        .route("/v1/nodes/{name}/drain", post(drain_node))
         .route("/v1/nodes/{name}/heartbeat", put(heartbeat))
         .route("/v1/disks", get(list_disks))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
