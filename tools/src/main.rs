@@ -348,6 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     create,
                     replicas,
                     nbd: nbd.as_deref(),
+                    json,
                 },
             )
             .await?
@@ -357,7 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             format,
             nbd,
-        }) => transfer::export(&client, &name, &file, format, nbd.as_deref()).await?,
+        }) => transfer::export(&client, &name, &file, format, nbd.as_deref(), json).await?,
         Cmd::Volume(VolumeCmd::Ls) => {
             let l = client.list_volumes().await?;
             if json {

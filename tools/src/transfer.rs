@@ -144,7 +144,7 @@ fn pick_nbd(
 }
 
 /// Runs `qemu-img convert -p ARGS`, its progress shown as `label` over `total` bytes.
-fn convert(args: &[&str], label: &str, total: u64) -> anyhow::Result<()> {
+fn convert(args: &[&str], label: &str, total: u64) -> anyhow::Result<std::time::Duration> {
     let mut child = Command::new("qemu-img")
         .arg("convert")
         .arg("-p")
@@ -182,8 +182,7 @@ fn convert(args: &[&str], label: &str, total: u64) -> anyhow::Result<()> {
         progress.abandon();
         bail!("qemu-img convert: {}", last_line(&err));
     }
-    progress.finish();
-    Ok(())
+    Ok(progress.finish())
 }
 
 pub struct ImportArgs<'a> {
@@ -193,13 +192,25 @@ pub struct ImportArgs<'a> {
     pub create: bool,
     pub replicas: Option<u32>,
     pub nbd: Option<&'a str>,
+    /// Print the result as JSON.
+    pub json: bool,
+}
+
+/// A path qemu-img cannot take for a protocol (`nbd:…`, `file:…`): absolute.
+fn plain_path(p: &Path) -> anyhow::Result<String> {
+    let abs = std::path::absolute(p).with_context(|| format!("{}", p.display()))?;
+    abs.to_str()
+        .map(String::from)
+        .with_context(|| format!("{}: not a UTF-8 path", p.display()))
 }
 
 pub async fn import(client: &Client, a: ImportArgs<'_>) -> anyhow::Result<()> {
     if !a.file.is_file() {
         bail!("{}: no such file", a.file.display());
     }
-    let (fmt, vsize) = image_info(a.file, a.format)?;
+    let file = plain_path(a.file)?;
+    let (fmt, vsize) = image_info(Path::new(&file), a.format)?;
+    let mut created = false;
     let vol = match client.get_volume(a.name).await {
         Ok(v) => v,
         Err(e) if e.is_not_found() && a.create => {
@@ -213,6 +224,7 @@ pub async fn import(client: &Client, a: ImportArgs<'_>) -> anyhow::Result<()> {
                     min_replicas: None,
                 })
                 .await?;
+            created = true;
             eprintln!(
                 "fabctl: created volume {} ({}) for the image",
                 v.name,
@@ -235,26 +247,56 @@ pub async fn import(client: &Client, a: ImportArgs<'_>) -> anyhow::Result<()> {
             vsize
         );
     }
-    let url = nbd_url(client, &vol.name, a.nbd).await?;
-    let file = a.file.to_string_lossy();
-    wait_export(&url).await?;
-    convert(
-        &["-n", "-f", &fmt, "-O", "raw", &file, &url],
-        &format!("import {}", vol.name),
-        vsize,
-    )?;
-    println!(
-        "imported {} ({fmt}, {}) into volume {}",
-        a.file.display(),
-        human(vsize),
-        vol.name
-    );
+    let copy = async {
+        let url = nbd_url(client, &vol.name, a.nbd).await?;
+        wait_export(&url, created).await?;
+        convert(
+            &["-n", "-f", &fmt, "-O", "raw", &file, &url],
+            &format!("import {}", vol.name),
+            vsize,
+        )
+    };
+    let took = match copy.await {
+        Ok(t) => t,
+        Err(e) if created => {
+            // Do not leave a half-written volume behind that --create made.
+            return Err(match client.delete_volume(&vol.name).await {
+                Ok(()) => e.context(format!("volume {} (created for it) deleted", vol.name)),
+                Err(d) => e.context(format!(
+                    "volume {} (created for it) could not be deleted: {d}",
+                    vol.name
+                )),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "volume": vol.name,
+                "file": file,
+                "format": fmt,
+                "bytes": vsize,
+                "created": created,
+                "seconds": took.as_secs_f64(),
+            })
+        );
+    } else {
+        println!(
+            "imported {} ({fmt}, {}) into volume {} in {}",
+            a.file.display(),
+            human(vsize),
+            vol.name,
+            crate::progress::duration(took)
+        );
+    }
     Ok(())
 }
 
-/// A freshly created volume may take a moment to be served: wait (bounded) until
-/// `qemu-img info` opens the export.
-async fn wait_export(url: &str) -> anyhow::Result<()> {
+/// Checks that `qemu-img info` opens the export; a freshly created volume (`patient`) may take
+/// a moment to be served, so then it retries for up to 15 s.
+async fn wait_export(url: &str, patient: bool) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     loop {
         let out = Command::new("qemu-img")
@@ -264,7 +306,7 @@ async fn wait_export(url: &str) -> anyhow::Result<()> {
         if out.status.success() {
             return Ok(());
         }
-        if start.elapsed() > std::time::Duration::from_secs(15) {
+        if !patient || start.elapsed() > std::time::Duration::from_secs(15) {
             bail!("NBD export {url}: {}", last_line(&out.stderr));
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -277,6 +319,7 @@ pub async fn export(
     file: &Path,
     format: ImageFormat,
     nbd: Option<&str>,
+    json: bool,
 ) -> anyhow::Result<()> {
     let fmt = match format {
         ImageFormat::Raw => "raw",
@@ -295,20 +338,34 @@ pub async fn export(
             bail!("{}: no such directory", parent.display());
         }
     }
+    let f = plain_path(file)?;
     let url = nbd_url(client, &vol.name, nbd).await?;
-    wait_export(&url).await?;
-    let f = file.to_string_lossy();
-    convert(
+    wait_export(&url, false).await?;
+    let took = convert(
         &["-f", "raw", "-O", fmt, &url, &f],
         &format!("export {}", vol.name),
         vol.size,
     )?;
-    println!(
-        "exported volume {} ({}) to {} ({fmt})",
-        vol.name,
-        human(vol.size),
-        file.display()
-    );
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "volume": vol.name,
+                "file": f,
+                "format": fmt,
+                "bytes": vol.size,
+                "seconds": took.as_secs_f64(),
+            })
+        );
+    } else {
+        println!(
+            "exported volume {} ({}) to {} ({fmt}) in {}",
+            vol.name,
+            human(vol.size),
+            file.display(),
+            crate::progress::duration(took)
+        );
+    }
     Ok(())
 }
 
