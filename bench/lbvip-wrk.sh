@@ -236,6 +236,9 @@ ticks() { # pids... -> summed utime+stime in clock ticks
   done
   echo $t
 }
+ctxsw() { # pid -> context switches (voluntary + involuntary) of all its threads
+  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^(non)?voluntary_ctxt_switches/{n += $2} END {print n + 0}'
+}
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 HZ=$(getconf CLK_TCK)
 
@@ -265,11 +268,12 @@ cell() { # run path workload
       note_cmd "ip netns exec \$NS $(printf '%q ' iperf3 "${args[@]}" | sed 's/ $//')"
       ;;
   esac
-  local load pt0 ng0 b0 t0 pt1 ng1 b1 t1 proxy_pid
+  local load pt0 ng0 b0 t0 pt1 ng1 b1 t1 cs0 cs1 proxy_pid
   load=$(cut -d' ' -f1 /proc/loadavg)
   case $path in lbvip) proxy_pid=$LBVIP_REAL ;; haproxy) proxy_pid=$HAPROXY_REAL ;; *) proxy_pid="" ;; esac
   pt0=$( [ -n "$proxy_pid" ] && ticks "$proxy_pid" || echo 0)
   ng0=$(ticks "${NGINX_WORKERS[@]}")
+  cs0=$( [ -n "$proxy_pid" ] && ctxsw "$proxy_pid" || echo 0)
   read -r b0 t0 < <(busy)
   if [ "$w" = bulk ]; then
     inns timeout $((TIME + 30)) iperf3 "${args[@]}" > "$out" 2>&1 & CHILD=$!
@@ -280,10 +284,11 @@ cell() { # run path workload
   CHILD=""
   pt1=$( [ -n "$proxy_pid" ] && ticks "$proxy_pid" || echo 0)
   ng1=$(ticks "${NGINX_WORKERS[@]}")
+  cs1=$( [ -n "$proxy_pid" ] && ctxsw "$proxy_pid" || echo 0)
   read -r b1 t1 < <(busy)
-  python3 - "$out" "$r" "$path" "$w" "$load" "$(( pt1 - pt0 ))" "$(( ng1 - ng0 ))" "$(( b1 - b0 ))" "$(( t1 - t0 ))" "$HZ" >> "$RESULTS" <<'PY'
+  python3 - "$out" "$r" "$path" "$w" "$load" "$(( pt1 - pt0 ))" "$(( ng1 - ng0 ))" "$(( b1 - b0 ))" "$(( t1 - t0 ))" "$HZ" "$(( cs1 - cs0 ))" >> "$RESULTS" <<'PY'
 import json, re, sys
-f, r, path, w, load, pt, ng, b, t, hz = sys.argv[1:]
+f, r, path, w, load, pt, ng, b, t, hz, cs = sys.argv[1:]
 text = open(f).read()
 out = []
 def emit(k, v):
@@ -319,6 +324,7 @@ else:
 hz = float(hz)
 if path != "direct":
     emit(w + "_proxy_cpu", "%.4f" % (int(pt) / hz / work))
+    emit(w + "_proxy_cs", "%.1f" % (int(cs) / work))
 emit(w + "_nginx_cpu", "%.4f" % (int(ng) / hz / work))
 emit(w + "_busy", "%.4f" % (int(b) / max(1, int(t))))
 emit(w + "_load", load)
@@ -397,18 +403,21 @@ print("\"lb-vip vs HAProxy\" is a speed-up: for rates lb-vip / HAProxy, for late
       "nginx alone (one backend, no proxy).")
 print()
 print("Where the time goes (medians): CPU seconds of the proxy process and of the two nginx "
-      "workers per 10,000 requests (per GB for bulk), and how busy the whole machine was "
+      "workers per 10,000 requests (per GB for bulk), the proxy's context switches (all its "
+      "threads, voluntary + involuntary) per the same unit, and how busy the whole machine was "
       "during the cell (all CPUs, /proc/stat).")
 print()
-print("| workload | path | proxy CPU | nginx CPU | machine busy | load avg 1 min | wrk errors |")
-print("|---|---|---|---|---|---|---|")
+print("| workload | path | proxy CPU | proxy context switches | nginx CPU | machine busy | load avg 1 min | wrk errors |")
+print("|---|---|---|---|---|---|---|---|")
 for w, unit in (("close", "s/10k req"), ("keepalive", "s/10k req"), ("bulk", "s/GB")):
     for p in ("lbvip", "haproxy", "direct"):
         pc, nc, bz, ld = g(p, w + "_proxy_cpu"), g(p, w + "_nginx_cpu"), g(p, w + "_busy"), g(p, w + "_load")
+        cs = g(p, w + "_proxy_cs")
         er = rows.get((p, w + "_errors"))
-        print("| %s | %s | %s | %s | %s | %s | %s |" % (
+        print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
             w, p,
             ("%.3f %s" % (pc, unit)) if pc is not None else "-",
+            ("%.0f per %s" % (cs, unit.split("/")[1])) if cs is not None else "-",
             ("%.3f %s" % (nc, unit)) if (nc is not None and w != "bulk") else "-",
             ("%.0f%%" % (bz * 100)) if bz is not None else "-",
             ("%.2f" % ld) if ld is not None else "-",
