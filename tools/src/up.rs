@@ -35,7 +35,9 @@ pub struct UpArgs {
     /// Node name [default: the host name].
     #[arg(long)]
     pub node: Option<String>,
-    /// vswitch's underlay (VTEP) address; VXLAN on loopback is harmless on one host.
+    /// vswitch's underlay (VTEP) address: an IPv4 address of one of this host's interfaces.
+    /// The loopback default is currently refused by volume-mgr (MTU 65536 > 65535): vswitch
+    /// then does not register (a WARNING says so) and ports are not served.
     #[arg(long, default_value = "127.0.0.1")]
     pub underlay_ip: String,
     /// vswitch's VXLAN UDP port.
