@@ -36,6 +36,9 @@ struct Args {
     /// Replicas of a volume created without --replicas [default: 3]
     #[arg(long)]
     default_replicas: Option<u32>,
+    /// A disk this full (used / capacity, from heartbeats) takes no new chunks [default: 0.95]
+    #[arg(long)]
+    full_ratio: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -49,6 +52,7 @@ struct File {
     out_after: Option<String>,
     overcommit: Option<f64>,
     default_replicas: Option<u32>,
+    full_ratio: Option<f64>,
 }
 
 fn config(a: Args) -> Result<Config, String> {
@@ -113,6 +117,11 @@ fn config(a: Args) -> Result<Config, String> {
             Some(r) if (1..=16).contains(&r) => r,
             Some(r) => return Err(format!("default-replicas must be 1..=16, got {r}")),
             None => d.default_replicas,
+        },
+        full_ratio: match a.full_ratio.or(f.full_ratio) {
+            Some(r) if r > 0.0 && r <= 1.0 => r,
+            Some(r) => return Err(format!("full-ratio must be in (0, 1], got {r}")),
+            None => d.full_ratio,
         },
     })
 }
@@ -253,6 +262,14 @@ mod tests {
         assert!(e(&["--data-dir", "/d", "--out-after", "0s"]).contains("out-after"));
         assert!(e(&["--data-dir", "/d", "--out-after", "soon"]).contains("out-after"));
         assert!(e(&["--data-dir", "/d", "--overcommit", "0"]).contains("positive"));
+        assert!(e(&["--data-dir", "/d", "--full-ratio", "1.5"]).contains("full-ratio"));
+        assert_eq!(
+            cfg(&["--data-dir", "/d", "--full-ratio", "0.8"])
+                .unwrap()
+                .full_ratio,
+            0.8
+        );
+        assert_eq!(cfg(&["--data-dir", "/d"]).unwrap().full_ratio, 0.95);
         assert!(e(&["--data-dir", "/d", "--default-replicas", "0"]).contains("1..=16"));
         assert!(e(&["--data-dir", "/d", "--default-replicas", "17"]).contains("1..=16"));
         assert!(e(&["--config", "/nonexistent/m.toml"]).contains("/nonexistent/m.toml"));

@@ -870,6 +870,87 @@ mod tests {
     }
 
     #[test]
+    fn full_disks_offer_nothing() {
+        use crate::server::placeable_free;
+        assert_eq!(placeable_free(100, 10, 0.95), 90);
+        assert_eq!(placeable_free(100, 95, 0.95), 0);
+        assert_eq!(placeable_free(100, 99, 0.95), 0);
+        assert_eq!(placeable_free(0, 0, 0.95), 0);
+        assert_eq!(placeable_free(100, 50, 0.5), 0);
+    }
+
+    /// Placement skips nodes whose disks are past `full_ratio` (as heartbeats report them):
+    /// with two of four nodes full a 3-replica volume cannot be placed (507), and a node
+    /// that reports space again takes its share.
+    #[test]
+    fn full_nodes_are_skipped_by_placement() {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                use crate::client::Client;
+                let dir = tempfile::tempdir().unwrap();
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let url = format!("http://{}", l.local_addr().unwrap());
+                let cfg = crate::Config {
+                    listen: l.local_addr().unwrap().to_string(),
+                    data_dir: dir.path().to_path_buf(),
+                    full_ratio: 0.9,
+                    ..Default::default()
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let srv = tokio::spawn(crate::serve(cfg, l, async move {
+                    let _ = rx.await;
+                }));
+                let c = Client::new(vec![url]);
+                let disk = |used: u64| {
+                    vec![api::DiskSpec {
+                        path: "/d".into(),
+                        capacity: 1 << 30,
+                        used,
+                    }]
+                };
+                for (i, used) in [(1, 0), (2, 0), (3, 1000 << 20), (4, 1000 << 20)] {
+                    c.register_node(
+                        &format!("n{i}"),
+                        &api::RegisterNode {
+                            address: format!("127.0.0.1:{}", 7800 + i),
+                            nbd_address: String::new(),
+                            nbd_socket: None,
+                            zone: None,
+                            disks: disk(used),
+                        },
+                    )
+                    .await
+                    .unwrap();
+                }
+                let create = |name: &str| api::CreateVolume {
+                    name: name.into(),
+                    size: 64 << 20,
+                    replicas: Some(3),
+                    min_replicas: None,
+                };
+                let e = c.create_volume(&create("a")).await.unwrap_err();
+                assert!(
+                    e.to_string().contains("n3") || e.to_string().contains("capacity"),
+                    "{e}"
+                );
+                c.heartbeat("n3", &api::Heartbeat { disks: disk(0) })
+                    .await
+                    .unwrap();
+                let v = c.create_volume(&create("b")).await.unwrap();
+                assert!(v
+                    .sets
+                    .iter()
+                    .all(|s| s.members.iter().all(|m| m.node != "n4")));
+                let _ = tx.send(());
+                let _ = srv.await;
+            });
+    }
+
+    #[test]
     fn set_bytes_cover_the_volume() {
         let mut v = vol("v", vec![vec![]; 3]);
         v.size = 10 * api::DEFAULT_CHUNK_SIZE;

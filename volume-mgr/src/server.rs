@@ -54,6 +54,23 @@ pub struct Config {
     pub overcommit: f64,
     /// Replicas of a volume created without `replicas`.
     pub default_replicas: u32,
+    /// A disk whose used / capacity (as its node's heartbeat reports it) reaches this takes
+    /// no new chunks: placement (new volumes, re-homing, drains) skips it.
+    #[serde(default = "default_full_ratio")]
+    pub full_ratio: f64,
+}
+
+fn default_full_ratio() -> f64 {
+    0.95
+}
+
+/// Free bytes a disk offers placement: none once it is `full_ratio` full (pure).
+pub fn placeable_free(capacity: u64, used: u64, full_ratio: f64) -> u64 {
+    if capacity == 0 || used as f64 >= capacity as f64 * full_ratio {
+        0
+    } else {
+        capacity.saturating_sub(used)
+    }
 }
 
 impl Default for Config {
@@ -65,6 +82,7 @@ impl Default for Config {
             out_after: Duration::from_secs(60),
             overcommit: 1.0,
             default_replicas: 3,
+            full_ratio: default_full_ratio(),
         }
     }
 }
@@ -640,7 +658,7 @@ pub(crate) fn placement_candidates(
         let free: u64 = ds
             .iter()
             .filter(|d| d.node == n.name)
-            .map(|d| d.capacity.saturating_sub(d.used))
+            .map(|d| placeable_free(d.capacity, d.used, app.cfg.full_ratio))
             .sum();
         if free == 0 {
             continue;
