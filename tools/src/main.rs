@@ -490,8 +490,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restores the default SIGPIPE action, so `fabctl volume ls | head` ends quietly when the
+/// reader goes instead of panicking on a failed print (Rust programs start with SIGPIPE
+/// ignored). Not for `fabctl up`, whose daemons must see EPIPE as an error on a socket.
+fn default_sigpipe() {
+    // SAFETY: signal(2) with a valid signal number and SIG_DFL; called at start-up on the main
+    // thread before any other thread exists, and no handler of ours is replaced.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Up(_)) {
+        default_sigpipe();
+    }
     let r = match cli.cmd {
         Cmd::Up(args) => {
             tracing_subscriber::fmt()
