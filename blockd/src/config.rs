@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub recovery_bandwidth: Option<String>,
     pub scrub_rate: Option<String>,
     pub scrub_interval: Option<String>,
+    pub full_ratio: Option<f64>,
 }
 
 /// The validated configuration blockd runs with.
@@ -60,6 +61,9 @@ pub struct Config {
     pub scrub_rate: u64,
     /// Pause between the end of one full scrub pass and the start of the next.
     pub scrub_interval: Duration,
+    /// Share of the chunk slots past which no new chunk is taken (writes needing one fail
+    /// with ENOSPC; volume-mgr's placement skips disks this full by their reported use).
+    pub full_ratio: f64,
 }
 
 /// Default async workers: half the CPUs (at least one). One worker per connection's tasks
@@ -108,6 +112,7 @@ impl FileConfig {
             recovery_bandwidth: flags.recovery_bandwidth.or(self.recovery_bandwidth),
             scrub_rate: flags.scrub_rate.or(self.scrub_rate),
             scrub_interval: flags.scrub_interval.or(self.scrub_interval),
+            full_ratio: flags.full_ratio.or(self.full_ratio),
         }
     }
 
@@ -205,7 +210,13 @@ impl FileConfig {
         };
         let scrub_interval = parse_duration(self.scrub_interval.as_deref().unwrap_or("24h"))
             .map_err(|e| format!("scrub-interval: {e}"))?;
+        let full_ratio = match self.full_ratio {
+            Some(r) if r > 0.0 && r <= 1.0 => r,
+            Some(r) => return Err(format!("full-ratio must be in (0, 1], got {r}")),
+            None => 0.95,
+        };
         Ok(Config {
+            full_ratio,
             scrub_rate,
             scrub_interval,
             recovery_bandwidth,
@@ -325,5 +336,13 @@ mod tests {
         .resolve()
         .unwrap();
         assert_eq!(off.scrub_rate, 0);
+        assert!(FileConfig {
+            full_ratio: Some(1.5),
+            ..base()
+        }
+        .resolve()
+        .unwrap_err()
+        .contains("full-ratio"));
+        assert_eq!(base().resolve().unwrap().full_ratio, 0.95);
     }
 }

@@ -44,6 +44,7 @@ pub async fn run(
             .await
             .map_err(|e| DaemonError::Other(format!("opening disks: {e}")))??,
     );
+    store.set_full_ratio(cfg.full_ratio);
     let client = Client::new(cfg.manager.clone());
     let (verified, verified_rx) = tokio::sync::watch::channel(false);
     let service = Arc::new(ReplicaService::new(store.clone()));

@@ -61,6 +61,10 @@ struct Args {
     /// Pause between full scrub passes (default 24h).
     #[arg(long)]
     scrub_interval: Option<String>,
+    /// Share of the chunk slots in use past which no new chunk is taken; writes that need
+    /// one fail with ENOSPC (default 0.95).
+    #[arg(long)]
+    full_ratio: Option<f64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +99,7 @@ fn main() -> std::process::ExitCode {
         recovery_bandwidth: args.recovery_bandwidth,
         scrub_rate: args.scrub_rate,
         scrub_interval: args.scrub_interval,
+        full_ratio: args.full_ratio,
     };
     let cfg = match file.overlay(flags).resolve() {
         Ok(c) => c,

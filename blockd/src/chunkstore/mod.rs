@@ -168,6 +168,8 @@ pub struct ChunkStore {
     /// Chunks a read found a bad checksum in, waiting for the scrubber to repair them.
     suspects: Mutex<BTreeSet<ChunkKey>>,
     pub suspect_added: tokio::sync::Notify,
+    /// Share of all slots (f64 bits) past which no new chunk is allocated (`--full-ratio`).
+    full_ratio: AtomicU64,
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -434,6 +436,7 @@ impl ChunkStore {
             metrics,
             suspects: Mutex::new(BTreeSet::new()),
             suspect_added: tokio::sync::Notify::new(),
+            full_ratio: AtomicU64::new(1.0f64.to_bits()),
         })
     }
 
@@ -658,6 +661,22 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// No new chunk is allocated once this share of all slots is in use (existing chunks
+    /// are still written); 1.0 = only a full store refuses.
+    pub fn set_full_ratio(&self, ratio: f64) {
+        self.full_ratio
+            .store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// Whether the store is past its full ratio (takes no new chunks).
+    pub fn is_full(&self) -> bool {
+        let ratio = f64::from_bits(self.full_ratio.load(Ordering::Relaxed));
+        let (slots, free) = self.disks.iter().fold((0u64, 0u64), |(s, f), d| {
+            (s + d.geo.slots, f + d.free.lock().unwrap().len() as u64)
+        });
+        slots == 0 || (slots - free + 1) as f64 > ratio * slots as f64
+    }
+
     fn get(&self, key: ChunkKey) -> Option<Arc<Chunk>> {
         self.chunks.read().unwrap().get(&key).cloned()
     }
@@ -675,6 +694,10 @@ impl ChunkStore {
         let mut map = self.chunks.write().unwrap();
         if let Some(c) = map.get(&key) {
             return Ok(c.clone());
+        }
+        if self.is_full() {
+            self.metrics.nospace_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(ExportError::NoSpace);
         }
         let (di, _) = self
             .disks

@@ -378,3 +378,37 @@ async fn scrub_finds_damage_and_repair_restores_only_matching_data() {
     assert!(s.scrub_blocks(k, 0, 1024).await.unwrap().bad.is_empty());
     s.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_full_ratio_no_new_chunk_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ChunkStore::open(&[cfg(dir.path(), "d0", 64 << 20)]).unwrap();
+    let slots = s.stats()[0].slots;
+    assert!(slots >= 4, "{slots}");
+    s.set_full_ratio(0.5);
+    let p = pattern(4096, 6);
+    let mut taken = 0;
+    while write(&s, key(8, taken), 0, &p).await.is_ok() {
+        taken += 1;
+        assert!(taken <= slots);
+    }
+    assert_eq!(taken, slots / 2, "half of {slots} slots");
+    assert!(s.is_full());
+    assert!(matches!(
+        write(&s, key(8, taken), 0, &p).await,
+        Err(ExportError::NoSpace)
+    ));
+    assert!(s.metrics.nospace_errors.load(Ordering::Relaxed) >= 2);
+    // Chunks already here still take writes and read back; nothing else changed.
+    write(&s, key(8, 0), 4096, &p).await.unwrap();
+    for i in 0..taken {
+        assert_eq!(read(&s, key(8, i), 0, 4096).await.unwrap(), p.to_vec());
+    }
+    assert_eq!(
+        read(&s, key(8, taken), 0, 4096).await.unwrap(),
+        vec![0u8; 4096]
+    );
+    // Back under the ratio: new chunks again.
+    s.set_full_ratio(1.0);
+    write(&s, key(8, taken), 0, &p).await.unwrap();
+}
