@@ -36,8 +36,8 @@ pub struct UpArgs {
     #[arg(long)]
     pub node: Option<String>,
     /// vswitch's underlay (VTEP) address: an IPv4 address of one of this host's interfaces.
-    /// The loopback default is currently refused by volume-mgr (MTU 65536 > 65535): vswitch
-    /// then does not register (a WARNING says so) and ports are not served.
+    /// Loopback (the default) serves the VMs of this host; a real interface's address lets
+    /// other hosts join the same networks.
     #[arg(long, default_value = "127.0.0.1")]
     pub underlay_ip: String,
     /// vswitch's VXLAN UDP port.
