@@ -154,7 +154,7 @@ impl Drop for Progress {
     }
 }
 
-fn human(bytes: u64) -> String {
+pub fn human(bytes: u64) -> String {
     volume_mgr::api::human_bytes(bytes)
 }
 
