@@ -290,11 +290,8 @@ async fn register(
     }
     let _g = app.mutate.lock().await;
     let now = now_ms();
-    let old: Option<api::Node> = app
-        .store
-        .get(Kind::Node, &name)?
-        .map(|b| decode(&b))
-        .transpose()?;
+    let old_bytes = app.store.get(Kind::Node, &name)?;
+    let old: Option<api::Node> = old_bytes.as_deref().map(decode).transpose()?;
     let node = api::Node {
         name: name.clone(),
         address: req.address,
@@ -325,7 +322,10 @@ async fn register(
             encode(&disk),
         ));
     }
-    app.store.commit(&[], &ops)?;
+    // Conditional on the record read above: with several managers, two registrations of one
+    // node (or a registration racing `node rm`) cannot both apply.
+    app.store
+        .commit(&[Cond::Equals(Kind::Node, name.clone(), old_bytes)], &ops)?;
     app.live.lock().unwrap().insert(
         name.clone(),
         Live {
@@ -506,11 +506,29 @@ async fn create_volume(
         sets,
         created_ms: now_ms(),
     };
+    // Every create is conditional on `next_volume_id` (so two managers creating at once never
+    // both pass the capacity check), and on the record of every node it places data on (so a
+    // concurrent `node rm` cannot remove a node this volume is about to use).
+    let mut conds = vec![
+        Cond::Equals(Kind::Volume, req.name.clone(), None),
+        Cond::Equals(Kind::Meta, "next_volume_id".into(), cur),
+    ];
+    let mut used: Vec<&str> = vol
+        .sets
+        .iter()
+        .flat_map(|s| s.members.iter().map(|m| m.node.as_str()))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    for n in used {
+        conds.push(Cond::Equals(
+            Kind::Node,
+            n.to_string(),
+            app.store.get(Kind::Node, n)?,
+        ));
+    }
     let rev = app.store.commit(
-        &[
-            Cond::Equals(Kind::Volume, req.name.clone(), None),
-            Cond::Equals(Kind::Meta, "next_volume_id".into(), cur),
-        ],
+        &conds,
         &[
             Op::Put(Kind::Volume, req.name.clone(), encode(&vol)),
             Op::Put(Kind::Meta, "next_volume_id".into(), encode(&(id + 1))),
@@ -610,9 +628,10 @@ async fn drain_node(
 /// Refused (409 `node_in_use`, naming the volumes) while any chunk set lists the node.
 async fn remove_node(State(app): State<AppState>, Name(name): Name) -> ApiResult<StatusCode> {
     let _g = app.mutate.lock().await;
-    if app.store.get(Kind::Node, &name)?.is_none() {
+    let Some(cur) = app.store.get(Kind::Node, &name)? else {
         return Err(not_found(format!("node {name} is not registered")));
-    }
+    };
+    let next_id = app.store.get(Kind::Meta, "next_volume_id")?;
     let vols = volumes_on(&app, &name)?;
     if !vols.is_empty() {
         return Err(Error(
@@ -634,7 +653,16 @@ async fn remove_node(State(app): State<AppState>, Name(name): Name) -> ApiResult
             ops.push(Op::Delete(Kind::Disk, k));
         }
     }
-    app.store.commit(&[], &ops)?;
+    // Conditional on the node record and on `next_volume_id`, both read before the check
+    // above: a volume created meanwhile (by another manager) moves `next_volume_id` and
+    // conditions itself on this record, so a create and a removal never both apply.
+    app.store.commit(
+        &[
+            Cond::Equals(Kind::Node, name.clone(), Some(cur)),
+            Cond::Equals(Kind::Meta, "next_volume_id".into(), next_id),
+        ],
+        &ops,
+    )?;
     app.live.lock().unwrap().remove(&name);
     tracing::info!(node = %name, "node removed");
     Ok(StatusCode::NO_CONTENT)
