@@ -1,5 +1,6 @@
 //! fabctl: the one CLI for Fabric operators.
 
+mod backup;
 mod net;
 mod node;
 mod progress;
@@ -71,6 +72,17 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Run the single-host all-in-one (volume-mgr, blockd, vswitch, lb-vip) until Ctrl-C.
     Up(up::UpArgs),
+    /// Save the whole cluster state (one store revision) to FILE ("-": standard output).
+    Backup { file: String },
+    /// Load a backup into the cluster. Refused when the cluster already has volumes,
+    /// networks, ports or VIPs unless --force (which replaces everything). Lease epochs move up
+    /// so no writer fenced since the backup can write again.
+    Restore {
+        file: String,
+        /// Replace the cluster's current state (objects not in the backup are deleted).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -283,6 +295,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Switch(c) => net::switch(&client, c, json).await?,
         Cmd::Vip(c) => vip::vip(&client, c, json).await?,
         Cmd::Status(a) => status::status(&client, a, json).await?,
+        Cmd::Backup { file } => backup::backup(&client, &file, json).await?,
+        Cmd::Restore { file, force } => backup::restore(&client, &file, force, json).await?,
         Cmd::Volume(VolumeCmd::Create {
             name,
             size,

@@ -871,3 +871,49 @@ pub struct VolumeRecovery {
     /// Its copy rate over the last 10 s, bytes per second.
     pub rate: f64,
 }
+
+// ---- Backup and restore ----------------------------------------------------------------------
+
+/// Format tag of a cluster backup.
+pub const BACKUP_FORMAT: &str = "fabric-backup/1";
+
+/// The whole cluster state at one store revision (`GET /v1/backup`, `fabctl backup FILE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// [`BACKUP_FORMAT`].
+    pub format: String,
+    pub cluster_id: String,
+    /// The store revision every object was read at.
+    pub revision: u64,
+    pub created_ms: u64,
+    pub objects: Vec<BackupObject>,
+}
+
+/// One stored object: its kind (`node`, `volume`, `lease`, …), name and value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupObject {
+    pub kind: String,
+    pub name: String,
+    /// The stored JSON value (absent when the value is not JSON; then `raw` holds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Value>,
+    /// A stored value that is not JSON, as UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<String>,
+}
+
+/// What `POST /v1/restore` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreReport {
+    /// Objects written.
+    pub restored: u64,
+    /// Objects of the cluster that were not in the backup and were deleted (`force` only).
+    pub deleted: u64,
+    /// Volume and VIP leases whose epoch was moved past anything issued before the restore.
+    pub leases_bumped: u64,
+    pub cluster_id: String,
+    pub revision: u64,
+}

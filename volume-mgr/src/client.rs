@@ -322,6 +322,31 @@ impl Client {
             .map(|_| ())
     }
 
+    // ---- backup and restore ----
+
+    /// The whole cluster state at one revision.
+    pub async fn backup(&self) -> Result<api::Backup, ClientError> {
+        self.call::<(), api::Backup>(Method::GET, "/v1/backup", None, Duration::from_secs(300))
+            .await?
+            .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    /// Writes a backup into the cluster (`force`: replace existing state).
+    pub async fn restore(
+        &self,
+        b: &api::Backup,
+        force: bool,
+    ) -> Result<api::RestoreReport, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/restore?force={force}"),
+            Some(b),
+            Duration::from_secs(300),
+        )
+        .await?
+        .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
     // ---- overlay networks (vswitch) ----
 
     pub async fn create_network(

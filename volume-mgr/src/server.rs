@@ -34,6 +34,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod backup;
 mod network;
 mod vip;
 
@@ -907,7 +908,11 @@ async fn get_lease(State(app): State<AppState>, Name(name): Name) -> ApiResult<J
 
 async fn cluster(State(app): State<AppState>) -> ApiResult<Json<api::ClusterInfo>> {
     Ok(Json(api::ClusterInfo {
-        cluster_id: app.cluster_id.clone(),
+        // From the store: a restore (or another manager) may have set it since start-up.
+        cluster_id: match app.store.get(Kind::Meta, "cluster_id")? {
+            Some(b) => String::from_utf8_lossy(&b).into_owned(),
+            None => app.cluster_id.clone(),
+        },
         revision: app.store.revision()?,
     }))
 }
@@ -1035,6 +1040,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/v1/vips/{name}/lease",
             axum::routing::post(vip::acquire_lease).delete(vip::release_lease),
+        )
+        .route("/v1/backup", get(backup::backup))
+        .route(
+            "/v1/restore",
+            post(backup::restore).layer(axum::extract::DefaultBodyLimit::max(1 << 30)),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))

@@ -30,7 +30,7 @@ use std::time::Duration;
 /// What the manager keeps about VIPs besides the store.
 pub(super) struct VipLive {
     /// Store revision of the last change to a VIP or its backends (what VIP watches wait on).
-    rev: tokio::sync::watch::Sender<u64>,
+    pub(super) rev: tokio::sync::watch::Sender<u64>,
     /// Last report of each instance: VIP name → node → (received ms, report).
     reports: Mutex<HashMap<String, rules::Reports>>,
 }
