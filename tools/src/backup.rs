@@ -38,7 +38,7 @@ pub async fn backup(client: &Client, file: &str, json: bool) -> anyhow::Result<(
             .and_then(|_| f.sync_all())
             .with_context(|| format!("{}", tmp.display()))?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("{file}"))?;
+    std::fs::rename(&tmp, path).with_context(|| file.to_string())?;
     if json {
         println!(
             "{}",
