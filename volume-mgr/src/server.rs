@@ -176,6 +176,11 @@ impl From<StoreError> for Error {
                     format!("state store unavailable: {m}"),
                 )
             }
+            StoreError::Compacted(rev) => Error(
+                StatusCode::GONE,
+                "compacted",
+                format!("history compacted (kept from revision {rev}); list again"),
+            ),
         }
     }
 }
