@@ -3,6 +3,7 @@
 //! client tools (qemu-img, qemu-io, nbdinfo, nbdcopy).
 
 pub mod cluster;
+pub mod etcd;
 pub mod fabric_e2e;
 pub mod guest;
 pub mod lbvip;

@@ -4,7 +4,9 @@
 
 pub mod api;
 pub mod client;
+pub mod etcd_store;
 pub mod humantime_serde;
+pub mod leader;
 pub mod metrics;
 pub mod net;
 pub mod placement;

@@ -177,6 +177,11 @@ impl From<StoreError> for Error {
                     format!("state store unavailable: {m}"),
                 )
             }
+            StoreError::Compacted(rev) => Error(
+                StatusCode::GONE,
+                "compacted",
+                format!("history compacted (kept from revision {rev}); list again"),
+            ),
         }
     }
 }

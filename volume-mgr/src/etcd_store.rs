@@ -1,0 +1,438 @@
+//! The etcd backend of [`Store`]: every key lives under a prefix (`/fabric/` by default, so
+//! several clusters or test runs can share one etcd), `get`/`list` are linearizable range reads,
+//! `commit` is one etcd `Txn` (compares = conditions, success = ops plus a put of the prefix's
+//! revision key), and revisions are etcd's own. The change feed reads etcd's MVCC history with
+//! a watch; `subscribe` follows the revision key with a background watch that reconnects.
+//!
+//! The trait is synchronous and is called from async handlers: the async client runs on a
+//! runtime this store owns, and a call hands it a future and blocks on a channel, so calling
+//! from inside any tokio runtime (a worker of a multi-thread runtime, or a current-thread one)
+//! is fine. Every call is bounded by the store's timeout: unreachable etcd, a member without a
+//! leader (the client requires one) or lost quorum is `StoreError::Backend`, never a hang and
+//! never stale data.
+
+use crate::store::{Change, Cond, Kind, Listing, Op, Store, StoreError};
+use etcd_client::{
+    Client, Compare, CompareOp, CompactionOptions, ConnectOptions, EventType, GetOptions,
+    KvClient, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use std::future::Future;
+use std::time::Duration;
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::broadcast;
+
+/// The key prefix `volume-mgr --store etcd` uses unless told otherwise.
+pub const DEFAULT_PREFIX: &str = "/fabric/";
+/// The bound on every etcd call unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Name (within the prefix) of the key every commit writes: its mod revision is the revision
+/// of the prefix's last commit, its create revision that of its first.
+const REV_KEY: &str = "rev";
+/// Big enough for a listing of every object of a kind (10k volumes are a few MB).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// The etcd-backed store. Cheap to share (`Arc`); dropping it stops its runtime (and with it
+/// any `Leadership` campaigning through it).
+pub struct EtcdStore {
+    rt: Option<Runtime>,
+    handle: Handle,
+    client: Client,
+    kv: KvClient,
+    prefix: String,
+    timeout: Duration,
+    commits: broadcast::Sender<u64>,
+}
+
+pub(crate) fn etcd_err(what: &str, e: etcd_client::Error) -> StoreError {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            StoreError::Backend(format!("etcd {what}: {:?}: {}", s.code(), s.message()))
+        }
+        e => StoreError::Backend(format!("etcd {what}: {e}")),
+    }
+}
+
+/// Runs `f` on `handle` within `timeout` and waits for it from this (any) thread.
+pub(crate) fn block_on<T: Send + 'static>(
+    handle: &Handle,
+    timeout: Duration,
+    what: &'static str,
+    f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let r = match tokio::time::timeout(timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Backend(format!(
+                "etcd {what}: no answer within {timeout:?}"
+            ))),
+        };
+        let _ = tx.send(r);
+    });
+    rx.recv()
+        .unwrap_or_else(|_| Err(StoreError::Backend("etcd client stopped".into())))
+}
+
+impl EtcdStore {
+    /// Connects to the cluster at `endpoints` (`http://host:port`), checks that it answers a
+    /// linearizable read within `timeout`, and starts following commits for `subscribe`.
+    /// `prefix` (non-empty; `DEFAULT_PREFIX` normally; a '/' is added if it does not end in one)
+    /// is put before every key.
+    pub fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<EtcdStore, StoreError> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Backend("no etcd endpoints given".into()));
+        }
+        if prefix.is_empty() {
+            return Err(StoreError::Backend("empty etcd key prefix".into()));
+        }
+        // Keys are `PREFIX/kind/name`: a prefix without its '/' would also match its siblings'
+        // keys (`/fabric` vs `/fabric2/`).
+        let prefix = if prefix.ends_with('/') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}/")
+        };
+        if timeout.is_zero() {
+            return Err(StoreError::Backend("etcd timeout must be above 0".into()));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etcd-client")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend(format!("etcd client runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(1), timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let eps = endpoints.to_vec();
+        let client = block_on(&handle, timeout, "connect", async move {
+            Client::connect(eps, Some(opts))
+                .await
+                .map_err(|e| etcd_err("connect", e))
+        })?;
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let store = EtcdStore {
+            rt: Some(rt),
+            handle,
+            client,
+            kv,
+            prefix,
+            timeout,
+            commits: broadcast::channel(crate::store::SUBSCRIBE_CAPACITY).0,
+        };
+        let last = store
+            .revision()
+            .map_err(|e| StoreError::Backend(format!("{e} (endpoints {endpoints:?})")))?;
+        store.handle.spawn(follow_commits(
+            store.client.clone(),
+            store.rev_key(),
+            store.commits.clone(),
+            last,
+        ));
+        Ok(store)
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The bound on each etcd call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Compacts etcd's history (of the whole cluster, not only this prefix) below `rev`:
+    /// `changes` from before it then return `Compacted`. Operators normally let etcd's
+    /// auto-compaction do this.
+    pub fn compact(&self, rev: u64) -> Result<(), StoreError> {
+        let mut kv = self.kv.clone();
+        block_on(&self.handle, self.timeout, "compact", async move {
+            kv.compact(
+                rev as i64,
+                Some(CompactionOptions::new().with_physical()),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| etcd_err("compact", e))
+        })
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The etcd key of a store key.
+    pub(crate) fn key(&self, kind: Kind, name: &str) -> String {
+        format!("{}{}{}", self.prefix, kind.prefix(), name)
+    }
+
+    fn rev_key(&self) -> String {
+        format!("{}{REV_KEY}", self.prefix)
+    }
+
+    /// `(mod revision, create revision)` of the revision key, `None` before the first commit.
+    fn rev_key_revisions(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        let mut kv = self.kv.clone();
+        let k = self.rev_key();
+        block_on(&self.handle, self.timeout, "get", async move {
+            let r = kv.get(k, None).await.map_err(|e| etcd_err("get", e))?;
+            Ok(r.kvs()
+                .first()
+                .map(|kv| (kv.mod_revision() as u64, kv.create_revision() as u64)))
+        })
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Not `drop(rt)`: that blocks, which panics inside an async context.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Sends the revision of every commit under the prefix (seen as puts of its revision key) to
+/// `tx`, from `last` on; reconnects after any failure and resumes after the last revision seen.
+async fn follow_commits(client: Client, rev_key: String, tx: broadcast::Sender<u64>, mut last: u64) {
+    loop {
+        let mut w = client.watch_client();
+        let opts = WatchOptions::new().with_start_revision(last as i64 + 1);
+        if let Ok(mut stream) = w.watch(rev_key.clone(), Some(opts)).await {
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.compact_revision() > 0 {
+                    // The revisions in between are gone: go on from the current one (the
+                    // receivers re-list when their `changes` call says `Compacted`).
+                    let mut kv = client.kv_client();
+                    if let Ok(r) = kv.get(rev_key.clone(), None).await {
+                        if let Some(kv) = r.kvs().first() {
+                            last = last.max(kv.mod_revision() as u64);
+                            let _ = tx.send(last);
+                        }
+                    }
+                    break;
+                }
+                for ev in resp.events() {
+                    if let Some(kv) = ev.kv() {
+                        let rev = kv.mod_revision() as u64;
+                        if rev > last {
+                            last = rev;
+                            let _ = tx.send(rev);
+                        }
+                    }
+                }
+                if resp.canceled() {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+impl Store for EtcdStore {
+    fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut kv = self.kv.clone();
+        let k = self.key(kind, name);
+        block_on(&self.handle, self.timeout, "get", async move {
+            let mut r = kv.get(k, None).await.map_err(|e| etcd_err("get", e))?;
+            Ok(r.take_kvs().into_iter().next().map(|kv| kv.into_key_value().1))
+        })
+    }
+
+    fn list(&self, kind: Kind) -> Result<Listing, StoreError> {
+        let mut kv = self.kv.clone();
+        let start = self.key(kind, "");
+        // Every kind prefix ends in '/': its keys are exactly those in [`kind/`, `kind0`).
+        let end = format!("{}0", &start[..start.len() - 1]);
+        let rev_key = self.rev_key();
+        let skip = start.len();
+        block_on(&self.handle, self.timeout, "list", async move {
+            // Both reads in one read-only transaction: one consistent snapshot.
+            let txn = Txn::new().and_then([
+                TxnOp::get(start, Some(GetOptions::new().with_range(end))),
+                TxnOp::get(rev_key, None),
+            ]);
+            let r = kv.txn(txn).await.map_err(|e| etcd_err("list", e))?;
+            let mut items = Vec::new();
+            let mut rev = 0;
+            for (i, op) in r.op_responses().into_iter().enumerate() {
+                let TxnOpResponse::Get(g) = op else {
+                    return Err(StoreError::Backend("etcd list: unexpected response".into()));
+                };
+                if i == 0 {
+                    for kv in g.kvs() {
+                        let name = std::str::from_utf8(&kv.key()[skip..]).map_err(|_| {
+                            StoreError::Backend("etcd list: a key is not UTF-8".into())
+                        })?;
+                        items.push((name.to_string(), kv.value().to_vec()));
+                    }
+                } else if let Some(kv) = g.kvs().first() {
+                    rev = kv.mod_revision() as u64;
+                }
+            }
+            Ok((rev, items))
+        })
+    }
+
+    fn commit(&self, conds: &[Cond], ops: &[Op]) -> Result<u64, StoreError> {
+        let mut compares = Vec::with_capacity(conds.len());
+        let mut cond_keys = Vec::with_capacity(conds.len());
+        for Cond::Equals(kind, name, want) in conds {
+            let k = self.key(*kind, name);
+            compares.push(match want {
+                Some(v) => Compare::value(k.clone(), CompareOp::Equal, v.clone()),
+                None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+            });
+            cond_keys.push((k, format!("{}{name}", kind.prefix()), want.clone()));
+        }
+        // etcd refuses a txn that writes one key twice; applied in order, only the last op on
+        // a key counts, so keep that one.
+        let keyed: Vec<(String, &Op)> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(kind, name, _) | Op::Delete(kind, name) => (self.key(*kind, name), op),
+            })
+            .collect();
+        let mut success = Vec::with_capacity(ops.len() + 1);
+        for (i, (k, op)) in keyed.iter().enumerate() {
+            if keyed[i + 1..].iter().any(|(later, _)| later == k) {
+                continue;
+            }
+            success.push(match op {
+                Op::Put(_, _, v) => TxnOp::put(k.clone(), v.clone(), None),
+                Op::Delete(..) => TxnOp::delete(k.clone(), None),
+            });
+        }
+        success.push(TxnOp::put(self.rev_key(), Vec::new(), None));
+        let failure: Vec<TxnOp> = cond_keys
+            .iter()
+            .map(|(k, _, _)| TxnOp::get(k.clone(), None))
+            .collect();
+        let txn = Txn::new().when(compares).and_then(success).or_else(failure);
+        let mut kv = self.kv.clone();
+        block_on(&self.handle, self.timeout, "commit", async move {
+            let r = kv.txn(txn).await.map_err(|e| etcd_err("commit", e))?;
+            if r.succeeded() {
+                return r
+                    .header()
+                    .map(|h| h.revision() as u64)
+                    .ok_or_else(|| StoreError::Backend("etcd commit: no header".into()));
+            }
+            // Name the first condition that failed (the reads ran in the same transaction).
+            let mut first = None;
+            for ((_, name, want), op) in cond_keys.iter().zip(r.op_responses()) {
+                let TxnOpResponse::Get(g) = op else { continue };
+                let have = g.kvs().first().map(|kv| kv.value().to_vec());
+                if &have != want {
+                    first = Some(name.clone());
+                    break;
+                }
+            }
+            Err(StoreError::Conflict(first.unwrap_or_else(|| {
+                cond_keys
+                    .first()
+                    .map(|c| c.1.clone())
+                    .unwrap_or_default()
+            })))
+        })
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self.rev_key_revisions()?.map(|r| r.0).unwrap_or(0))
+    }
+
+    fn changes(&self, since: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let Some((cur, created)) = self.rev_key_revisions()? else {
+            return Ok(Vec::new());
+        };
+        if since >= cur {
+            return Ok(Vec::new());
+        }
+        // Nothing under the prefix predates its first commit (which created the revision key).
+        let start = (since + 1).max(created);
+        let mut w = self.client.watch_client();
+        let prefix = self.prefix.clone();
+        let rev_key = self.rev_key();
+        block_on(&self.handle, self.timeout, "changes", async move {
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(start as i64);
+            let mut stream = w
+                .watch(prefix.clone(), Some(opts))
+                .await
+                .map_err(|e| etcd_err("changes", e))?;
+            let mut out: Vec<Change> = Vec::new();
+            loop {
+                let Some(resp) = stream
+                    .message()
+                    .await
+                    .map_err(|e| etcd_err("changes", e))?
+                else {
+                    return Err(StoreError::Backend("etcd changes: watch ended".into()));
+                };
+                if resp.compact_revision() > 0 {
+                    return Err(StoreError::Compacted(resp.compact_revision() as u64));
+                }
+                if resp.canceled() {
+                    return Err(StoreError::Backend(format!(
+                        "etcd changes: watch cancelled: {}",
+                        resp.cancel_reason()
+                    )));
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let rev = kv.mod_revision() as u64;
+                    if rev > cur || (out.len() >= limit && out.last().is_some_and(|c| c.rev != rev))
+                    {
+                        return Ok(out);
+                    }
+                    if kv.key() == rev_key.as_bytes() {
+                        // The last write of every commit: the commit is complete.
+                        if rev == cur {
+                            return Ok(out);
+                        }
+                        continue;
+                    }
+                    let Some((kind, name)) = std::str::from_utf8(&kv.key()[prefix.len()..])
+                        .ok()
+                        .and_then(Kind::parse_key)
+                    else {
+                        continue;
+                    };
+                    if kind == Kind::Leader {
+                        continue;
+                    }
+                    out.push(Change {
+                        rev,
+                        kind,
+                        name: name.to_string(),
+                        value: match ev.event_type() {
+                            EventType::Put => Some(kv.value().to_vec()),
+                            EventType::Delete => None,
+                        },
+                    });
+                }
+            }
+        })
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<u64> {
+        self.commits.subscribe()
+    }
+}
