@@ -233,6 +233,15 @@ mod tests {
 pub struct ClusterInfo {
     pub cluster_id: String,
     pub revision: u64,
+    /// The state store: `embedded` or `etcd`.
+    #[serde(default)]
+    pub store: String,
+    /// The manager that answered (its advertised URL).
+    #[serde(default)]
+    pub manager: String,
+    /// The manager that runs the controllers now, as the answering one last saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// `POST /v1/volumes/{name}/lease`: a gateway asks to become the volume's single writer.

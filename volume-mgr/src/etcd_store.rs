@@ -13,8 +13,8 @@
 
 use crate::store::{Change, Cond, Kind, Listing, Op, Store, StoreError};
 use etcd_client::{
-    Client, Compare, CompareOp, CompactionOptions, ConnectOptions, EventType, GetOptions,
-    KvClient, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::future::Future;
 use std::time::Duration;
@@ -158,13 +158,10 @@ impl EtcdStore {
     pub fn compact(&self, rev: u64) -> Result<(), StoreError> {
         let mut kv = self.kv.clone();
         block_on(&self.handle, self.timeout, "compact", async move {
-            kv.compact(
-                rev as i64,
-                Some(CompactionOptions::new().with_physical()),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| etcd_err("compact", e))
+            kv.compact(rev as i64, Some(CompactionOptions::new().with_physical()))
+                .await
+                .map(|_| ())
+                .map_err(|e| etcd_err("compact", e))
         })
     }
 
@@ -209,7 +206,12 @@ impl Drop for EtcdStore {
 
 /// Sends the revision of every commit under the prefix (seen as puts of its revision key) to
 /// `tx`, from `last` on; reconnects after any failure and resumes after the last revision seen.
-async fn follow_commits(client: Client, rev_key: String, tx: broadcast::Sender<u64>, mut last: u64) {
+async fn follow_commits(
+    client: Client,
+    rev_key: String,
+    tx: broadcast::Sender<u64>,
+    mut last: u64,
+) {
     loop {
         let mut w = client.watch_client();
         let opts = WatchOptions::new().with_start_revision(last as i64 + 1);
@@ -251,7 +253,10 @@ impl Store for EtcdStore {
         let k = self.key(kind, name);
         block_on(&self.handle, self.timeout, "get", async move {
             let mut r = kv.get(k, None).await.map_err(|e| etcd_err("get", e))?;
-            Ok(r.take_kvs().into_iter().next().map(|kv| kv.into_key_value().1))
+            Ok(r.take_kvs()
+                .into_iter()
+                .next()
+                .map(|kv| kv.into_key_value().1))
         })
     }
 
@@ -345,10 +350,7 @@ impl Store for EtcdStore {
                 }
             }
             Err(StoreError::Conflict(first.unwrap_or_else(|| {
-                cond_keys
-                    .first()
-                    .map(|c| c.1.clone())
-                    .unwrap_or_default()
+                cond_keys.first().map(|c| c.1.clone()).unwrap_or_default()
             })))
         })
     }
@@ -379,11 +381,7 @@ impl Store for EtcdStore {
                 .map_err(|e| etcd_err("changes", e))?;
             let mut out: Vec<Change> = Vec::new();
             loop {
-                let Some(resp) = stream
-                    .message()
-                    .await
-                    .map_err(|e| etcd_err("changes", e))?
-                else {
+                let Some(resp) = stream.message().await.map_err(|e| etcd_err("changes", e))? else {
                     return Err(StoreError::Backend("etcd changes: watch ended".into()));
                 };
                 if resp.compact_revision() > 0 {

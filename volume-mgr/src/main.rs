@@ -21,9 +21,16 @@ struct Args {
     /// State store: embedded (a redb file in --data-dir) or etcd
     #[arg(long)]
     store: Option<String>,
-    /// etcd endpoints (with --store etcd)
+    /// etcd client URLs, comma-separated (with --store etcd): http://HOST:2379,…
     #[arg(long)]
     etcd_endpoints: Option<String>,
+    /// Key prefix of this cluster in etcd [default: /fabric/]
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// This manager's URL as agents and the other managers reach it; its identity in the
+    /// leader election [default: http://LISTEN]
+    #[arg(long)]
+    advertise_url: Option<String>,
     /// A node without heartbeat for this long is down [default: 5s]
     #[arg(long)]
     down_after: Option<String>,
@@ -48,6 +55,8 @@ struct File {
     data_dir: Option<PathBuf>,
     store: Option<String>,
     etcd_endpoints: Option<String>,
+    etcd_prefix: Option<String>,
+    advertise_url: Option<String>,
     down_after: Option<String>,
     out_after: Option<String>,
     overcommit: Option<f64>,
@@ -76,22 +85,56 @@ fn config(a: Args) -> Result<Config, String> {
         }
         None => File::default(),
     };
-    match a.store.or(f.store).as_deref() {
-        None | Some("embedded") => {}
-        Some("etcd") => {
-            let _ = a.etcd_endpoints.or(f.etcd_endpoints);
-            return Err("--store etcd is not supported yet (use the embedded store)".into());
-        }
-        Some(o) => return Err(format!("--store {o:?}: use embedded or etcd")),
-    }
     let d = Config::default();
+    let store = a.store.or(f.store).unwrap_or_else(|| d.store.clone());
+    let etcd_endpoints: Vec<String> = a
+        .etcd_endpoints
+        .or(f.etcd_endpoints)
+        .map(|e| {
+            e.split(',')
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    match store.as_str() {
+        "embedded" => {
+            if !etcd_endpoints.is_empty() {
+                return Err("--etcd-endpoints needs --store etcd".into());
+            }
+        }
+        "etcd" => {
+            if etcd_endpoints.is_empty() {
+                return Err("--store etcd needs --etcd-endpoints http://HOST:2379,…".into());
+            }
+            for u in &etcd_endpoints {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(format!("etcd endpoint {u:?}: give http://HOST:PORT"));
+                }
+            }
+        }
+        o => return Err(format!("--store {o:?}: use embedded or etcd")),
+    }
+    let advertise_url = a.advertise_url.or(f.advertise_url);
+    if let Some(u) = &advertise_url {
+        if !(u.starts_with("http://") || u.starts_with("https://"))
+            || u.contains(char::is_whitespace)
+        {
+            return Err(format!("advertise-url {u:?}: give http://HOST:PORT"));
+        }
+    }
     let listen = a.listen.or(f.listen).unwrap_or(d.listen);
     listen
         .parse::<std::net::SocketAddr>()
         .map_err(|_| format!("listen: {listen:?} is not an IP:PORT address"))?;
     Ok(Config {
         listen,
-        data_dir: a.data_dir.or(f.data_dir).ok_or("--data-dir is required")?,
+        data_dir: match a.data_dir.or(f.data_dir) {
+            Some(d) => d,
+            // With etcd the manager keeps nothing on disk.
+            None if store == "etcd" => d.data_dir.clone(),
+            None => return Err("--data-dir is required".into()),
+        },
         down_after: match a.down_after.or(f.down_after) {
             Some(s) => match volume_mgr::humantime_serde::parse(&s) {
                 Ok(d) if !d.is_zero() => d,
@@ -123,6 +166,10 @@ fn config(a: Args) -> Result<Config, String> {
             Some(r) => return Err(format!("full-ratio must be in (0, 1], got {r}")),
             None => d.full_ratio,
         },
+        store,
+        etcd_endpoints,
+        etcd_prefix: a.etcd_prefix.or(f.etcd_prefix).unwrap_or(d.etcd_prefix),
+        advertise_url,
     })
 }
 
@@ -254,7 +301,19 @@ mod tests {
     fn clear_errors() {
         let e = |args: &[&str]| cfg(args).unwrap_err();
         assert!(e(&[]).contains("--data-dir is required"));
-        assert!(e(&["--data-dir", "/d", "--store", "etcd"]).contains("not supported yet"));
+        assert!(e(&["--data-dir", "/d", "--store", "etcd"]).contains("needs --etcd-endpoints"));
+        assert!(e(&["--store", "etcd", "--etcd-endpoints", "h:1"]).contains("http://HOST:PORT"));
+        assert!(e(&["--data-dir", "/d", "--etcd-endpoints", "http://h:1"]).contains("--store etcd"));
+        assert!(e(&["--data-dir", "/d", "--advertise-url", "x y"]).contains("advertise-url"));
+        let c = cfg(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:1, http://127.0.0.1:2",
+        ])
+        .unwrap();
+        assert_eq!(c.etcd_endpoints.len(), 2);
+        assert_eq!(c.etcd_prefix, "/fabric/");
         assert!(e(&["--data-dir", "/d", "--store", "zk"]).contains("embedded or etcd"));
         assert!(e(&["--data-dir", "/d", "--listen", "nowhere"]).contains("IP:PORT"));
         assert!(e(&["--data-dir", "/d", "--down-after", "5 parsecs"]).contains("down-after"));

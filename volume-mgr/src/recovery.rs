@@ -317,10 +317,25 @@ pub async fn controller(app: Arc<App>) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        // A controller: only the leader re-homes replicas.
+        if !app.leads() {
+            continue;
+        }
         if let Err(e) = pass(&app).await {
             tracing::warn!(error = %e, "re-replication pass failed; retrying");
         }
     }
+}
+
+/// `c` plus the leader's fence: the write applies only while this manager still leads (with
+/// several managers a deposed leader's late write fails instead of racing the new leader's).
+fn leader_fenced(app: &App, c: Cond) -> Result<Vec<Cond>, String> {
+    let mut conds = app
+        .leadership
+        .fence()
+        .ok_or_else(|| "no longer the leader".to_string())?;
+    conds.push(c);
+    Ok(conds)
 }
 
 fn err(e: crate::server::Error) -> String {
@@ -430,11 +445,10 @@ pub async fn pass(app: &App) -> Result<usize, String> {
         let rev = app
             .store
             .commit(
-                &[Cond::Equals(
-                    Kind::Volume,
-                    name.to_string(),
-                    raw.get(name).cloned(),
-                )],
+                &leader_fenced(
+                    app,
+                    Cond::Equals(Kind::Volume, name.to_string(), raw.get(name).cloned()),
+                )?,
                 &[Op::Put(Kind::Volume, name.to_string(), encode(&v))],
             )
             .map_err(|e| e.to_string())?;
@@ -483,11 +497,10 @@ fn apply_drain(
         let rev = app
             .store
             .commit(
-                &[Cond::Equals(
-                    Kind::Volume,
-                    name.to_string(),
-                    raw.get(name).cloned(),
-                )],
+                &leader_fenced(
+                    app,
+                    Cond::Equals(Kind::Volume, name.to_string(), raw.get(name).cloned()),
+                )?,
                 &[Op::Put(Kind::Volume, name.to_string(), encode(&v))],
             )
             .map_err(|e| e.to_string())?;

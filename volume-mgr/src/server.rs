@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod backup;
+mod cluster;
 mod network;
 mod vip;
 
@@ -59,6 +60,28 @@ pub struct Config {
     /// no new chunks: placement (new volumes, re-homing, drains) skips it.
     #[serde(default = "default_full_ratio")]
     pub full_ratio: f64,
+    /// The state store: `embedded` (a redb file in `data_dir`, one manager) or `etcd`
+    /// (several managers; controllers on an elected leader).
+    #[serde(default = "default_store")]
+    pub store: String,
+    /// etcd client URLs (with `store = "etcd"`).
+    #[serde(default)]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    #[serde(default = "default_etcd_prefix")]
+    pub etcd_prefix: String,
+    /// This manager's URL as the others and the agents reach it (its identity in the leader
+    /// election) [default: http://LISTEN].
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+}
+
+fn default_store() -> String {
+    "embedded".into()
+}
+
+fn default_etcd_prefix() -> String {
+    "/fabric/".into()
 }
 
 fn default_full_ratio() -> f64 {
@@ -84,6 +107,10 @@ impl Default for Config {
             overcommit: 1.0,
             default_replicas: 3,
             full_ratio: default_full_ratio(),
+            store: default_store(),
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: default_etcd_prefix(),
+            advertise_url: None,
         }
     }
 }
@@ -137,6 +164,8 @@ pub struct App {
     pub(crate) recovery: crate::recovery::RecoveryLive,
     /// VIP watch revision and the lb-vip instances' reports (memory only).
     vips: vip::VipLive,
+    /// Whether this manager runs the controllers (see [`cluster`]).
+    pub(crate) leadership: crate::leader::Leadership,
 }
 
 /// An API error: status, stable code, one-line message.
@@ -919,6 +948,9 @@ async fn cluster(State(app): State<AppState>) -> ApiResult<Json<api::ClusterInfo
             None => app.cluster_id.clone(),
         },
         revision: app.store.revision()?,
+        store: app.cfg.store.clone(),
+        manager: app.leadership.id().to_string(),
+        leader: app.leader(),
     }))
 }
 
@@ -1067,14 +1099,45 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Opens the store under `cfg.data_dir` (creating it) and builds the application.
 pub fn open(cfg: Config) -> Result<Arc<App>, String> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
-    let store = crate::store::RedbStore::open(&cfg.data_dir.join("state.redb"))
-        .map_err(|e| e.to_string())?;
-    open_with_store(cfg, Arc::new(store))
+    let id = cfg
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", cfg.listen));
+    match cfg.store.as_str() {
+        "embedded" => {
+            std::fs::create_dir_all(&cfg.data_dir)
+                .map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
+            let store = crate::store::RedbStore::open(&cfg.data_dir.join("state.redb"))
+                .map_err(|e| e.to_string())?;
+            let l = crate::leader::Leadership::embedded(&id);
+            open_with(cfg, Arc::new(store), l)
+        }
+        "etcd" => {
+            let store = crate::etcd_store::EtcdStore::connect(
+                &cfg.etcd_endpoints,
+                &cfg.etcd_prefix,
+                Duration::from_secs(2),
+            )
+            .map_err(|e| format!("etcd {}: {e}", cfg.etcd_endpoints.join(",")))?;
+            let l = crate::leader::Leadership::etcd(&store, &id, crate::leader::DEFAULT_TTL)
+                .map_err(|e| e.to_string())?;
+            open_with(cfg, Arc::new(store), l)
+        }
+        o => Err(format!("store {o:?}: use embedded or etcd")),
+    }
 }
 
+/// The application over `store` as its only manager (always the leader).
 pub fn open_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Arc<App>, String> {
+    let id = format!("http://{}", cfg.listen);
+    open_with(cfg, store, crate::leader::Leadership::embedded(&id))
+}
+
+pub fn open_with(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    leadership: crate::leader::Leadership,
+) -> Result<Arc<App>, String> {
     if !(cfg.overcommit > 0.0 && cfg.overcommit.is_finite()) {
         return Err(format!(
             "overcommit must be a positive number, got {}",
@@ -1119,6 +1182,7 @@ pub fn open_with_store(cfg: Config, store: Arc<dyn Store>) -> Result<Arc<App>, S
         started_ms: now_ms(),
         recovery: Default::default(),
         vips: vip::VipLive::new(rev),
+        leadership,
     }))
 }
 
@@ -1150,6 +1214,10 @@ pub async fn serve(
     let stopping = app.clone();
     tokio::spawn(network::switch_liveness(app.clone()));
     tokio::spawn(crate::recovery::controller(app.clone()));
+    tokio::spawn(cluster::follow_store(app.clone()));
+    if app.cfg.store != "embedded" {
+        tokio::spawn(cluster::share_liveness(app.clone()));
+    }
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move {
             shutdown.await;

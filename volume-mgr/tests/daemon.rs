@@ -156,7 +156,12 @@ fn refused(args: &[&str]) -> String {
 fn start_up_refusals_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    assert!(refused(&["--data-dir", d, "--store", "etcd"]).contains("not supported yet"));
+    assert!(refused(&["--data-dir", d, "--store", "etcd"]).contains("needs --etcd-endpoints"));
+    // Nothing listens there: refused within the store's timeout, in one line.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let t = std::time::Instant::now();
+    let e = refused(&["--store", "etcd", "--etcd-endpoints", &dead]);
+    assert!(e.contains("etcd") && t.elapsed().as_secs() < 20, "{e}");
     assert!(refused(&[]).contains("--data-dir"));
     assert!(refused(&["--data-dir", d, "--down-after", "soon"]).contains("down-after"));
     let cfg = dir.path().join("m.toml");

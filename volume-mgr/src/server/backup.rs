@@ -63,6 +63,8 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Vip => "vip",
         Kind::VipIndex => "vipindex",
         Kind::VipLease => "viplease",
+        // Never backed up (not in `KINDS`): who leads is decided afresh.
+        Kind::Leader => "leader",
     }
 }
 

@@ -734,6 +734,10 @@ pub(super) async fn switch_liveness(app: Arc<App>) {
             _ = app.switch_wake.notified() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        // A controller: only the leader records switches up or down.
+        if !app.leads() {
+            continue;
+        }
         if let Err(e) = record_switch_states(&app).await {
             tracing::warn!(error = %e.2, "cannot record switch states");
         }
