@@ -211,10 +211,7 @@ impl EtcdCluster {
 
     /// Starts member `i` again on its data dir and ports (no wait; see `wait_healthy`).
     pub fn restart(&mut self, i: usize) {
-        assert!(
-            self.members[i].proc.is_none(),
-            "etcd member {i} is running"
-        );
+        assert!(self.members[i].proc.is_none(), "etcd member {i} is running");
         self.spawn(i);
     }
 

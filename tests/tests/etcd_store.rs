@@ -49,7 +49,10 @@ fn etcd_store_conformance_feed_across_instances_and_calls_from_async_code() {
     // `subscribe`; and the other way round.
     let s2 = EtcdStore::connect(&c.endpoints()[1..], &p, TIMEOUT).unwrap();
     assert_eq!(s2.revision().unwrap(), s.revision().unwrap());
-    assert_eq!(s2.list(Kind::Volume).unwrap(), s.list(Kind::Volume).unwrap());
+    assert_eq!(
+        s2.list(Kind::Volume).unwrap(),
+        s.list(Kind::Volume).unwrap()
+    );
     let mut sub2 = s2.subscribe();
     let mut sub1 = s.subscribe();
     let since = s2.revision().unwrap();
@@ -60,11 +63,17 @@ fn etcd_store_conformance_feed_across_instances_and_calls_from_async_code() {
     let heard = wait("s2 hears s's commit", Duration::from_secs(10), || {
         sub2.try_recv().ok()
     });
-    eprintln!("commit on one store to subscribe on the other: {:?}", t.elapsed());
+    eprintln!(
+        "commit on one store to subscribe on the other: {:?}",
+        t.elapsed()
+    );
     assert_eq!(heard, r);
     let ch = s2.changes(since, 100).unwrap();
     assert_eq!(ch.len(), 1);
-    assert_eq!((ch[0].rev, ch[0].kind, ch[0].name.as_str()), (r, Kind::Port, "p1"));
+    assert_eq!(
+        (ch[0].rev, ch[0].kind, ch[0].name.as_str()),
+        (r, Kind::Port, "p1")
+    );
     assert_eq!(ch[0].value.as_deref(), Some(&b"v"[..]));
     let r2 = s2
         .commit(&[], &[Op::Delete(Kind::Port, "p1".into())])
@@ -171,7 +180,10 @@ fn etcd_quorum_loss_is_a_backend_error_within_the_timeout_then_recovers() {
     let mut c = EtcdCluster::start(3);
     let s = EtcdStore::connect(&c.endpoints(), &prefix("quorum"), TIMEOUT).unwrap();
     let r = s
-        .commit(&[], &[Op::Put(Kind::Volume, "v".into(), b"before".to_vec())])
+        .commit(
+            &[],
+            &[Op::Put(Kind::Volume, "v".into(), b"before".to_vec())],
+        )
         .unwrap();
     let mut sub = s.subscribe();
     c.stop(1);
@@ -189,8 +201,11 @@ fn etcd_quorum_loss_is_a_backend_error_within_the_timeout_then_recovers() {
             (
                 "commit",
                 Box::new(|| {
-                    s.commit(&[], &[Op::Put(Kind::Volume, "w".into(), b"during".to_vec())])
-                        .map(|_| ())
+                    s.commit(
+                        &[],
+                        &[Op::Put(Kind::Volume, "w".into(), b"during".to_vec())],
+                    )
+                    .map(|_| ())
                 }),
             ),
         ];
@@ -217,20 +232,23 @@ fn etcd_quorum_loss_is_a_backend_error_within_the_timeout_then_recovers() {
     c.restart(2);
     c.wait_healthy(&[0, 1, 2], Duration::from_secs(60));
     let t = Instant::now();
-    let r2 = wait("a commit after the restart", Duration::from_secs(30), || {
-        s.commit(&[], &[Op::Put(Kind::Volume, "x".into(), b"after".to_vec())])
-            .ok()
-    });
+    let r2 = wait(
+        "a commit after the restart",
+        Duration::from_secs(30),
+        || {
+            s.commit(&[], &[Op::Put(Kind::Volume, "x".into(), b"after".to_vec())])
+                .ok()
+        },
+    );
     eprintln!("quorum back: first commit after {:?}", t.elapsed());
     assert!(r2 > r);
-    assert_eq!(
-        s.get(Kind::Volume, "v").unwrap(),
-        Some(b"before".to_vec())
-    );
+    assert_eq!(s.get(Kind::Volume, "v").unwrap(), Some(b"before".to_vec()));
     // The background watch reconnected: the subscriber hears the new commit.
-    wait("the subscriber hears the commit after the outage", Duration::from_secs(15), || {
-        sub.try_recv().ok().filter(|&v| v >= r2)
-    });
+    wait(
+        "the subscriber hears the commit after the outage",
+        Duration::from_secs(15),
+        || sub.try_recv().ok().filter(|&v| v >= r2),
+    );
     let ch = s.changes(r, 10).unwrap();
     assert!(ch.iter().any(|c| c.name == "x" && c.rev == r2), "{ch:?}");
 }
@@ -250,8 +268,7 @@ fn etcd_leader_election_takeover_and_fencing() {
         let l = Leadership::etcd(&s, &format!("http://mgr{i}.{gen}"), ttl).unwrap();
         (s, l)
     };
-    let slots: RwLock<Vec<Slot>> =
-        RwLock::new((0..3).map(|i| Some(start(&c, i, 0))).collect());
+    let slots: RwLock<Vec<Slot>> = RwLock::new((0..3).map(|i| Some(start(&c, i, 0))).collect());
     // Handles whose store is gone (a crashed manager): still checked by the sampler.
     let orphans: Mutex<Vec<Leadership>> = Mutex::new(Vec::new());
     let done = AtomicBool::new(false);
@@ -371,23 +388,30 @@ fn etcd_leader_election_takeover_and_fencing() {
             }
             c.restart(l3);
             c.wait_healthy(&[0, 1, 2], Duration::from_secs(60));
-            let e = wait("the deposed leader reaches etcd", Duration::from_secs(30), || {
-                match store.commit(&fence, &[Op::Put(Kind::Meta, "work".into(), b"x".to_vec())]) {
+            let e = wait(
+                "the deposed leader reaches etcd",
+                Duration::from_secs(30),
+                || match store.commit(&fence, &[Op::Put(Kind::Meta, "work".into(), b"x".to_vec())])
+                {
                     Err(StoreError::Backend(_)) => None,
                     r => Some(r),
-                }
-            });
+                },
+            );
             assert!(
                 matches!(&e, Err(StoreError::Conflict(k)) if k == "leader/controller"),
                 "a deposed leader's fenced commit: {e:?}"
             );
             assert_eq!(store.get(Kind::Meta, "work").unwrap(), Some(b"1".to_vec()));
             // It rejoins as a follower and learns who leads.
-            wait("the deposed leader follows", Duration::from_secs(15), || {
-                let g = slots.read().unwrap();
-                let h = &g[l3].as_ref().unwrap().1;
-                (!h.is_leader() && h.leader().as_deref() == Some(new_id.as_str())).then_some(())
-            });
+            wait(
+                "the deposed leader follows",
+                Duration::from_secs(15),
+                || {
+                    let g = slots.read().unwrap();
+                    let h = &g[l3].as_ref().unwrap().1;
+                    (!h.is_leader() && h.leader().as_deref() == Some(new_id.as_str())).then_some(())
+                },
+            );
         }));
         done.store(true, Ordering::Relaxed);
         let sampled = sampler.join();

@@ -72,7 +72,8 @@ impl Shared {
     /// Publishes `leading()` on the watch channel if it changed.
     fn publish(&self) {
         let now = self.lock().leading(Instant::now());
-        self.tx.send_if_modified(|v| std::mem::replace(v, now) != now);
+        self.tx
+            .send_if_modified(|v| std::mem::replace(v, now) != now);
     }
 
     fn set(&self, f: impl FnOnce(&mut State)) {
@@ -116,7 +117,9 @@ impl Leadership {
             )));
         }
         if id.is_empty() || id.contains('\n') {
-            return Err(StoreError::Backend(format!("leader id {id:?}: non-empty, one line")));
+            return Err(StoreError::Backend(format!(
+                "leader id {id:?}: non-empty, one line"
+            )));
         }
         let (tx, rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -324,7 +327,13 @@ impl Campaign {
     /// Holds the term: renews the lease every `ttl / 4`; the term counts until the last
     /// renewal's send time + `ttl - ttl / 4`. Ends when etcd says the lease is gone (then the
     /// key is gone too), or is cancelled by the handle's drop (then the lease is revoked).
-    async fn lead(&self, lease_id: i64, ttl: Duration, token: Vec<u8>, granted_at: Instant) -> Ended {
+    async fn lead(
+        &self,
+        lease_id: i64,
+        ttl: Duration,
+        token: Vec<u8>,
+        granted_at: Instant,
+    ) -> Ended {
         let margin = ttl / 4;
         self.shared.set(|st| {
             st.token = Some(token);
@@ -365,7 +374,9 @@ impl Campaign {
             let sent = Instant::now();
             next = sent + every;
             match tokio::time::timeout(self.timeout, lease.keep_alive(lease_id)).await {
-                Ok(Ok(_)) => self.shared.set(|st| st.valid_until = Some(sent + ttl - margin)),
+                Ok(Ok(_)) => self
+                    .shared
+                    .set(|st| st.valid_until = Some(sent + ttl - margin)),
                 Ok(Err(e)) if e.to_string().contains("lease not found") => {
                     tracing::warn!(id = %self.id, lease = lease_id, "leader lease expired");
                     resign.armed = false;

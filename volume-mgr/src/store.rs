@@ -374,7 +374,11 @@ impl Store for RedbStore {
 pub fn conformance(s: &dyn Store) {
     let mut sub = s.subscribe();
     let r0 = s.revision().unwrap();
-    assert_eq!(s.changes(r0, 100).unwrap(), vec![], "nothing after the start");
+    assert_eq!(
+        s.changes(r0, 100).unwrap(),
+        vec![],
+        "nothing after the start"
+    );
     for kind in Kind::ALL {
         assert!(s.list(kind).unwrap().1.is_empty(), "fresh store: {kind:?}");
     }
@@ -523,7 +527,11 @@ pub fn conformance(s: &dyn Store) {
     ];
     assert_eq!(all[..first.len()], first[..]);
     let counted = &all[first.len()..];
-    assert_eq!(counted.len() as u64, THREADS * EACH, "one change per counter commit");
+    assert_eq!(
+        counted.len() as u64,
+        THREADS * EACH,
+        "one change per counter commit"
+    );
     for (i, c) in counted.iter().enumerate() {
         assert_eq!((c.kind, c.name.as_str()), (Kind::Meta, "counter"));
         assert!(c.rev > before && c.rev <= s.revision().unwrap());
@@ -533,7 +541,11 @@ pub fn conformance(s: &dyn Store) {
     assert_eq!(all.last().unwrap().rev, s.revision().unwrap());
     // `limit` cuts at commit boundaries only; `since` is exclusive.
     assert_eq!(s.changes(r0, 1).unwrap(), first[..1]);
-    assert_eq!(s.changes(r1, 1).unwrap(), first[1..3], "a commit is never split");
+    assert_eq!(
+        s.changes(r1, 1).unwrap(),
+        first[1..3],
+        "a commit is never split"
+    );
     assert_eq!(s.changes(r0, 2).unwrap(), first[..3]);
     assert_eq!(s.changes(r3, 1).unwrap(), first[6..7]);
     assert_eq!(s.changes(s.revision().unwrap(), 10).unwrap(), vec![]);
@@ -586,13 +598,23 @@ pub fn conformance_compacted(s: &dyn Store, compact: &dyn Fn(u64)) {
     // From the compaction revision on, the feed is complete.
     let after = s.changes(rb - 1, 100).unwrap();
     assert_eq!(
-        after.iter().map(|c| (c.rev, c.value.clone())).collect::<Vec<_>>(),
+        after
+            .iter()
+            .map(|c| (c.rev, c.value.clone()))
+            .collect::<Vec<_>>(),
         vec![(rb, Some(b"v1".to_vec())), (rc, Some(b"v2".to_vec()))]
     );
     assert_eq!(s.changes(rc, 100).unwrap(), vec![]);
     // Reads and commits are unaffected.
-    assert_eq!(s.get(Kind::Meta, "compacted").unwrap(), Some(b"v2".to_vec()));
-    assert!(s.commit(&[], &[Op::Delete(Kind::Meta, "compacted".into())]).unwrap() > rc);
+    assert_eq!(
+        s.get(Kind::Meta, "compacted").unwrap(),
+        Some(b"v2".to_vec())
+    );
+    assert!(
+        s.commit(&[], &[Op::Delete(Kind::Meta, "compacted".into())])
+            .unwrap()
+            > rc
+    );
 }
 
 #[cfg(test)]
@@ -644,7 +666,10 @@ mod tests {
             }
             assert!(matches!(s.changes(4, 100), Err(StoreError::Compacted(6))));
             let c = s.changes(5, 100).unwrap();
-            assert_eq!(c.iter().map(|c| c.rev).collect::<Vec<_>>(), [6, 7, 8, 9, 10]);
+            assert_eq!(
+                c.iter().map(|c| c.rev).collect::<Vec<_>>(),
+                [6, 7, 8, 9, 10]
+            );
             assert_eq!(c[0].name, "v5");
         }
         // The log survives a reopen; the window moves on with new commits.
