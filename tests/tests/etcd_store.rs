@@ -193,7 +193,8 @@ fn etcd_quorum_loss_is_a_backend_error_within_the_timeout_then_recovers() {
     let deadline = TIMEOUT + Duration::from_millis(1500);
     let mut worst = Duration::ZERO;
     for round in 0..3 {
-        let calls: Vec<(&str, Box<dyn Fn() -> Result<(), StoreError>>)> = vec![
+        type Call<'a> = Box<dyn Fn() -> Result<(), StoreError> + 'a>;
+        let calls: Vec<(&str, Call)> = vec![
             ("get", Box::new(|| s.get(Kind::Volume, "v").map(|_| ()))),
             ("list", Box::new(|| s.list(Kind::Volume).map(|_| ()))),
             ("revision", Box::new(|| s.revision().map(|_| ()))),

@@ -52,6 +52,46 @@ pub(crate) fn etcd_err(what: &str, e: etcd_client::Error) -> StoreError {
     }
 }
 
+/// Pause between attempts of a call that failed to reach a member.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether a failed call may be sent again: for a read, any unavailability (a member down or
+/// without a leader: the client's balancer may pick another); for a write only a failure to
+/// connect, when the request cannot have been applied.
+fn retryable(e: &etcd_client::Error, write: bool) -> bool {
+    match e {
+        // 14: gRPC UNAVAILABLE.
+        etcd_client::Error::GRpcStatus(s) if s.code() as i32 == 14 => {
+            !write || s.message().contains("connect")
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => !write,
+        _ => false,
+    }
+}
+
+/// Calls `f` until it succeeds, fails for good, or `within` (a little less than the call's
+/// timeout, so that the last real error is what the caller sees) has passed.
+pub(crate) async fn with_retry<T, Fut>(
+    within: Duration,
+    write: bool,
+    mut f: impl FnMut() -> Fut,
+) -> Result<T, etcd_client::Error>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + within * 9 / 10;
+    loop {
+        match f().await {
+            Err(e)
+                if retryable(&e, write) && tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
+            {
+                tokio::time::sleep(RETRY_PAUSE).await
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs `f` on `handle` within `timeout` and waits for it from this (any) thread.
 pub(crate) fn block_on<T: Send + 'static>(
     handle: &Handle,
@@ -184,10 +224,16 @@ impl EtcdStore {
 
     /// `(mod revision, create revision)` of the revision key, `None` before the first commit.
     fn rev_key_revisions(&self) -> Result<Option<(u64, u64)>, StoreError> {
-        let mut kv = self.kv.clone();
+        let kv = self.kv.clone();
         let k = self.rev_key();
-        block_on(&self.handle, self.timeout, "get", async move {
-            let r = kv.get(k, None).await.map_err(|e| etcd_err("get", e))?;
+        let t = self.timeout;
+        block_on(&self.handle, t, "get", async move {
+            let r = with_retry(t, false, || {
+                let (mut kv, k) = (kv.clone(), k.clone());
+                async move { kv.get(k, None).await }
+            })
+            .await
+            .map_err(|e| etcd_err("get", e))?;
             Ok(r.kvs()
                 .first()
                 .map(|kv| (kv.mod_revision() as u64, kv.create_revision() as u64)))
@@ -249,10 +295,16 @@ async fn follow_commits(
 
 impl Store for EtcdStore {
     fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut kv = self.kv.clone();
+        let kv = self.kv.clone();
         let k = self.key(kind, name);
-        block_on(&self.handle, self.timeout, "get", async move {
-            let mut r = kv.get(k, None).await.map_err(|e| etcd_err("get", e))?;
+        let t = self.timeout;
+        block_on(&self.handle, t, "get", async move {
+            let mut r = with_retry(t, false, || {
+                let (mut kv, k) = (kv.clone(), k.clone());
+                async move { kv.get(k, None).await }
+            })
+            .await
+            .map_err(|e| etcd_err("get", e))?;
             Ok(r.take_kvs()
                 .into_iter()
                 .next()
@@ -261,19 +313,25 @@ impl Store for EtcdStore {
     }
 
     fn list(&self, kind: Kind) -> Result<Listing, StoreError> {
-        let mut kv = self.kv.clone();
+        let kv = self.kv.clone();
+        let t = self.timeout;
         let start = self.key(kind, "");
         // Every kind prefix ends in '/': its keys are exactly those in [`kind/`, `kind0`).
         let end = format!("{}0", &start[..start.len() - 1]);
         let rev_key = self.rev_key();
         let skip = start.len();
-        block_on(&self.handle, self.timeout, "list", async move {
+        block_on(&self.handle, t, "list", async move {
             // Both reads in one read-only transaction: one consistent snapshot.
             let txn = Txn::new().and_then([
                 TxnOp::get(start, Some(GetOptions::new().with_range(end))),
                 TxnOp::get(rev_key, None),
             ]);
-            let r = kv.txn(txn).await.map_err(|e| etcd_err("list", e))?;
+            let r = with_retry(t, false, || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await
+            .map_err(|e| etcd_err("list", e))?;
             let mut items = Vec::new();
             let mut rev = 0;
             for (i, op) in r.op_responses().into_iter().enumerate() {
@@ -330,9 +388,15 @@ impl Store for EtcdStore {
             .map(|(k, _, _)| TxnOp::get(k.clone(), None))
             .collect();
         let txn = Txn::new().when(compares).and_then(success).or_else(failure);
-        let mut kv = self.kv.clone();
-        block_on(&self.handle, self.timeout, "commit", async move {
-            let r = kv.txn(txn).await.map_err(|e| etcd_err("commit", e))?;
+        let kv = self.kv.clone();
+        let t = self.timeout;
+        block_on(&self.handle, t, "commit", async move {
+            let r = with_retry(t, true, || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await
+            .map_err(|e| etcd_err("commit", e))?;
             if r.succeeded() {
                 return r
                     .header()
@@ -368,17 +432,20 @@ impl Store for EtcdStore {
         }
         // Nothing under the prefix predates its first commit (which created the revision key).
         let start = (since + 1).max(created);
-        let mut w = self.client.watch_client();
+        let w = self.client.watch_client();
         let prefix = self.prefix.clone();
         let rev_key = self.rev_key();
-        block_on(&self.handle, self.timeout, "changes", async move {
+        let t = self.timeout;
+        block_on(&self.handle, t, "changes", async move {
             let opts = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(start as i64);
-            let mut stream = w
-                .watch(prefix.clone(), Some(opts))
-                .await
-                .map_err(|e| etcd_err("changes", e))?;
+            let mut stream = with_retry(t, false, || {
+                let (mut w, p, o) = (w.clone(), prefix.clone(), opts.clone());
+                async move { w.watch(p, Some(o)).await }
+            })
+            .await
+            .map_err(|e| etcd_err("changes", e))?;
             let mut out: Vec<Change> = Vec::new();
             loop {
                 let Some(resp) = stream.message().await.map_err(|e| etcd_err("changes", e))? else {

@@ -164,8 +164,9 @@ pub trait Store: Send + Sync + 'static {
 const OBJECTS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("objects");
 const REVISION: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("revision");
 /// The change log: `(revision, index in the commit)` -> `(key, value or None for a delete)`.
-const CHANGES: redb::TableDefinition<(u64, u32), (&str, Option<&[u8]>)> =
-    redb::TableDefinition::new("changes");
+type LogKey = (u64, u32);
+type LogEntry<'a> = (&'a str, Option<&'a [u8]>);
+const CHANGES: redb::TableDefinition<LogKey, LogEntry> = redb::TableDefinition::new("changes");
 /// In `REVISION`: the oldest revision whose changes the log still holds (set when a store
 /// made before the change log is opened, and by `compact`).
 const LOG_FROM: &str = "log_from";
@@ -511,7 +512,7 @@ pub fn conformance(s: &dyn Store) {
         value: Some(v.to_vec()),
     };
     let all = s.changes(r0, usize::MAX).unwrap();
-    let first = vec![
+    let first = [
         put(r1, Kind::Volume, "a", b"1"),
         put(r2, Kind::Volume, "a", b"3"),
         put(r2, Kind::Node, "n", b"x"),
