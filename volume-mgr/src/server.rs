@@ -58,6 +58,20 @@ pub struct Config {
     /// no new chunks: placement (new volumes, re-homing, drains) skips it.
     #[serde(default = "default_full_ratio")]
     pub full_ratio: f64,
+    /// Move chunk sets to nodes (or disks) added since they were placed (`recovery`).
+    #[serde(default = "default_rebalance")]
+    pub rebalance: bool,
+    /// A node must be up this long before the rebalancer moves data to it.
+    #[serde(with = "crate::humantime_serde", default = "default_rebalance_after")]
+    pub rebalance_after: Duration,
+}
+
+fn default_rebalance() -> bool {
+    true
+}
+
+fn default_rebalance_after() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_full_ratio() -> f64 {
@@ -83,6 +97,8 @@ impl Default for Config {
             overcommit: 1.0,
             default_replicas: 3,
             full_ratio: default_full_ratio(),
+            rebalance: default_rebalance(),
+            rebalance_after: default_rebalance_after(),
         }
     }
 }
