@@ -384,7 +384,12 @@ pub async fn pass(app: &App) -> Result<usize, String> {
         }
     }
     *app.recovery.out.lock().unwrap() = out_now;
-    let tracks = app.recovery.tracks.lock().unwrap().clone();
+    let tracks = {
+        let mut t = app.recovery.tracks.lock().unwrap();
+        // A removed node that registers again is a new node (no flap history).
+        t.retain(|n, _| node_items.iter().any(|(k, _)| k == n));
+        t.clone()
+    };
     let (_, vol_items) = app.store.list(Kind::Volume).map_err(|e| e.to_string())?;
     let mut vols = Vec::new();
     let mut raw = HashMap::new();
