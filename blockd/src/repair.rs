@@ -239,33 +239,32 @@ pub async fn verify_volume_with_progress(
     let client2 = client.clone();
     let secret = secret.to_vec();
     let (st, pr) = (state.clone(), progress.clone());
-    let reach = move |node: String| -> futures::future::BoxFuture<
-        'static,
-        Result<Replica, ReplicaError>,
-    > {
-        {
-            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(prev) = g.1.take() {
-                g.0 += shares.get(&prev).copied().unwrap_or(0);
+    let reach =
+        move |node: String| -> futures::future::BoxFuture<'static, Result<Replica, ReplicaError>> {
+            {
+                let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(prev) = g.1.take() {
+                    g.0 += shares.get(&prev).copied().unwrap_or(0);
+                }
+                g.1 = Some(node.clone());
+                pr(g.0, total);
             }
-            g.1 = Some(node.clone());
-            pr(g.0, total);
-        }
-        let client = client2.clone();
-        let secret = secret.clone();
-        let cluster = cluster.clone();
-        Box::pin(async move {
-            let n = client
-                .get_node(&node)
-                .await
-                .map_err(|e| ReplicaError::Down(e.to_string()))?;
-            let c =
-                ReplicaClient::connect_timeout(&n.address, &cluster, "fabctl", &secret, timeout)
+            let client = client2.clone();
+            let secret = secret.clone();
+            let cluster = cluster.clone();
+            Box::pin(async move {
+                let n = client
+                    .get_node(&node)
                     .await
-                    .map_err(|e| ReplicaError::Down(format!("{}: {e}", n.address)))?;
-            Ok(Replica::Remote(Arc::new(c)))
-        })
-    };
+                    .map_err(|e| ReplicaError::Down(e.to_string()))?;
+                let c = ReplicaClient::connect_timeout(
+                    &n.address, &cluster, "fabctl", &secret, timeout,
+                )
+                .await
+                .map_err(|e| ReplicaError::Down(format!("{}: {e}", n.address)))?;
+                Ok(Replica::Remote(Arc::new(c)))
+            })
+        };
     let report = crate::gateway::verify(&vol, reach).await;
     progress(total, total);
     Ok((vol, report))

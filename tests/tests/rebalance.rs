@@ -212,7 +212,10 @@ fn added_node_takes_its_share_without_losing_redundancy() {
                 continue;
             }
             moved += 1;
-            assert!(n.contains(&"h4".to_string()), "{v} set {i}: {old:?} -> {new:?}");
+            assert!(
+                n.contains(&"h4".to_string()),
+                "{v} set {i}: {old:?} -> {new:?}"
+            );
             let kept = old.iter().filter(|x| new.contains(x)).count();
             assert_eq!(kept, r - 1, "{v} set {i}: {old:?} -> {new:?}");
         }
@@ -222,7 +225,11 @@ fn added_node_takes_its_share_without_losing_redundancy() {
     assert!(moved > 0 && moved < total, "{moved} of {total}");
     // It stops: the following passes change nothing and report the moves done.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(all_sets(&c).unwrap(), after, "placement changed after convergence");
+    assert_eq!(
+        all_sets(&c).unwrap(),
+        after,
+        "placement changed after convergence"
+    );
     let rb = rebalance(&c);
     assert_eq!(rb["moved"].as_u64(), Some(moved as u64), "{rb}");
     assert_eq!(rb["pending"], 0, "{rb}");
@@ -246,7 +253,10 @@ fn added_node_takes_its_share_without_losing_redundancy() {
     // fabctl node ls: h4 holds sets now, nobody is out, draining or full.
     let ls = c.fabctl_ok(&["node", "ls"]);
     eprintln!("{ls}");
-    assert!(ls.contains("FLAGS") && ls.contains("SETS") && ls.contains("CHUNKS"), "{ls}");
+    assert!(
+        ls.contains("FLAGS") && ls.contains("SETS") && ls.contains("CHUNKS"),
+        "{ls}"
+    );
     let nodes = c.json(&["node", "ls"]).expect("node ls json");
     let h4 = nodes
         .as_array()
@@ -262,7 +272,10 @@ fn added_node_takes_its_share_without_losing_redundancy() {
     assert_eq!(h4["state"], "up", "{h4}");
     assert_eq!(h4["draining"], false, "{h4}");
     assert_eq!(h4["full"], false, "{h4}");
-    assert!(h4["used"].as_u64() > Some(0) && h4["capacity"].as_u64() > Some(0), "{h4}");
+    assert!(
+        h4["used"].as_u64() > Some(0) && h4["capacity"].as_u64() > Some(0),
+        "{h4}"
+    );
 
     // h2 loses its disk: verify shows progress and exits 1 on the differences; --repair fixes.
     // The gateways (h1, h4) restart first: an attached gateway that saw h2 go would resync it
@@ -291,7 +304,10 @@ fn added_node_takes_its_share_without_losing_redundancy() {
     assert!(progress_lines(&out, "verify a") >= 2, "{out}");
     let (ok, out) = c.fabctl(&["volume", "verify", "a", "--repair", "--secret-file", secret]);
     assert!(ok, "verify --repair: {out}\n{}", c.logs());
-    assert!(out.contains("REPAIRED chunk") && out.contains("all replicas equal"), "{out}");
+    assert!(
+        out.contains("REPAIRED chunk") && out.contains("all replicas equal"),
+        "{out}"
+    );
     assert!(progress_lines(&out, "repair a") >= 2, "{out}");
     read_check(&c, 2, "a", 64, 0xa1);
     eprintln!("test done in {:?}", start.elapsed());

@@ -70,7 +70,15 @@ pub fn ls_row(n: &api::Node, h: Option<&api::NodeHealth>, heartbeat: String) -> 
 
 /// The column names of [`ls_row`].
 pub const LS_HEADER: [&str; 9] = [
-    "NAME", "STATE", "FLAGS", "ZONE", "ADDRESS", "SETS", "CHUNKS", "USED", "HEARTBEAT",
+    "NAME",
+    "STATE",
+    "FLAGS",
+    "ZONE",
+    "ADDRESS",
+    "SETS",
+    "CHUNKS",
+    "USED",
+    "HEARTBEAT",
 ];
 
 /// `fabctl node ls`: a table, or (`json`) the nodes with their health fields merged in
@@ -246,8 +254,14 @@ mod tests {
             ..h
         };
         let r = ls_row(&n(api::NodeState::Down), Some(&calm), String::new());
-        assert_eq!((r[1].as_str(), r[2].as_str(), r[5].as_str()), ("down", "-", "12"));
+        assert_eq!(
+            (r[1].as_str(), r[2].as_str(), r[5].as_str()),
+            ("down", "-", "12")
+        );
         let r = ls_row(&n(api::NodeState::Up), None, String::new());
-        assert_eq!((r[2].as_str(), r[5].as_str(), r[7].as_str()), ("-", "-", "-"));
+        assert_eq!(
+            (r[2].as_str(), r[5].as_str(), r[7].as_str()),
+            ("-", "-", "-")
+        );
     }
 }

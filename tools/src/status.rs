@@ -31,10 +31,7 @@ pub fn rebalance_line(b: &api::Rebalance) -> String {
     let state = if b.state.is_empty() { "idle" } else { &b.state };
     let mut s = state.to_string();
     if b.in_progress > 0 || b.pending > 0 {
-        s += &format!(
-            ": {} sets moving, {} pending",
-            b.in_progress, b.pending
-        );
+        s += &format!(": {} sets moving, {} pending", b.in_progress, b.pending);
     }
     if !b.reason.is_empty() {
         s += &format!(" ({})", b.reason);

@@ -287,7 +287,14 @@ mod tests {
         let d = cfg(&["--data-dir", "/d"]).unwrap();
         assert!(d.rebalance);
         assert_eq!(d.rebalance_after, Duration::from_secs(30));
-        let r = cfg(&["--data-dir", "/d", "--no-rebalance", "--rebalance-after", "2s"]).unwrap();
+        let r = cfg(&[
+            "--data-dir",
+            "/d",
+            "--no-rebalance",
+            "--rebalance-after",
+            "2s",
+        ])
+        .unwrap();
         assert!(!r.rebalance);
         assert_eq!(r.rebalance_after, Duration::from_secs(2));
         assert!(e(&["--data-dir", "/d", "--rebalance-after", "soon"]).contains("rebalance-after"));

@@ -556,14 +556,7 @@ fn rebalance_pass(
     let budget = ctx
         .budget
         .min(rebalance::MAX_REBALANCING.saturating_sub(under_way));
-    let plan = rebalance::plan_rebalance(
-        vols,
-        ctx.views,
-        &ideal,
-        &eligible,
-        degraded == 0,
-        budget,
-    );
+    let plan = rebalance::plan_rebalance(vols, ctx.views, &ideal, &eligible, degraded == 0, budget);
     let adds = plan
         .steps
         .iter()

@@ -309,7 +309,10 @@ mod tests {
             apply(&mut vols, &p.steps, false);
             assert!(in_service(&vols)
                 .iter()
-                .zip(vols.iter().flat_map(|v| v.sets.iter().map(move |_| v.replicas)))
+                .zip(
+                    vols.iter()
+                        .flat_map(|v| v.sets.iter().map(move |_| v.replicas))
+                )
                 .all(|(n, r)| *n >= r as usize));
             let again = plan_rebalance(&vols, &nodes, &new, &all, true, 0);
             assert!(again.steps.is_empty(), "{again:?}");
