@@ -35,13 +35,14 @@ pub fn ls_row(n: &api::Node, h: Option<&api::NodeHealth>, heartbeat: String) -> 
     vec![
         n.name.clone(),
         state.to_string(),
+        n.zone.clone(),
+        n.address.clone(),
+        n.nbd_address.clone(),
         if flags.is_empty() {
             dash()
         } else {
             flags.join(",")
         },
-        n.zone.clone(),
-        n.address.clone(),
         h.map(|h| {
             if h.syncing > 0 {
                 format!("{} ({} syncing)", h.sets, h.syncing)
@@ -69,12 +70,13 @@ pub fn ls_row(n: &api::Node, h: Option<&api::NodeHealth>, heartbeat: String) -> 
 }
 
 /// The column names of [`ls_row`].
-pub const LS_HEADER: [&str; 9] = [
+pub const LS_HEADER: [&str; 10] = [
     "NAME",
     "STATE",
-    "FLAGS",
     "ZONE",
     "ADDRESS",
+    "NBD",
+    "FLAGS",
     "SETS",
     "CHUNKS",
     "USED",
@@ -240,10 +242,10 @@ mod tests {
         let r = ls_row(&n(api::NodeState::Down), Some(&h), "5s ago".into());
         assert_eq!(r.len(), LS_HEADER.len());
         assert_eq!(r[1], "out");
-        assert_eq!(r[2], "draining,full");
-        assert_eq!(r[5], "12 (2 syncing)");
-        assert_eq!(r[6], "24");
-        assert_eq!(r[7], "96 MiB / 1 GiB (9%)");
+        assert_eq!(r[5], "draining,full");
+        assert_eq!(r[6], "12 (2 syncing)");
+        assert_eq!(r[7], "24");
+        assert_eq!(r[8], "96 MiB / 1 GiB (9%)");
         let r = ls_row(&n(api::NodeState::Up), Some(&h), String::new());
         assert_eq!(r[1], "up");
         let calm = api::NodeHealth {
@@ -255,12 +257,12 @@ mod tests {
         };
         let r = ls_row(&n(api::NodeState::Down), Some(&calm), String::new());
         assert_eq!(
-            (r[1].as_str(), r[2].as_str(), r[5].as_str()),
+            (r[1].as_str(), r[5].as_str(), r[6].as_str()),
             ("down", "-", "12")
         );
         let r = ls_row(&n(api::NodeState::Up), None, String::new());
         assert_eq!(
-            (r[2].as_str(), r[5].as_str(), r[7].as_str()),
+            (r[5].as_str(), r[6].as_str(), r[8].as_str()),
             ("-", "-", "-")
         );
     }
