@@ -58,6 +58,20 @@ pub async fn repair_volume(
     secret: &[u8],
     timeout: Duration,
 ) -> Result<RepairReport, String> {
+    repair_volume_with_progress(client, name, secret, timeout, |_, _| {}).await
+}
+
+/// [`repair_volume`], calling `progress(done, total)` as it goes: bytes of chunks checked
+/// (a chunk counts its full size once, whatever its replica count) out of the bytes of every
+/// chunk some replica holds; before each chunk (the first call has `done == 0`) and once
+/// at the end (`done == total`).
+pub async fn repair_volume_with_progress(
+    client: &Client,
+    name: &str,
+    secret: &[u8],
+    timeout: Duration,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RepairReport, String> {
     let vol = client.get_volume(name).await.map_err(|e| e.to_string())?;
     let cluster = client
         .cluster()
@@ -106,6 +120,7 @@ pub async fn repair_volume(
         }
     }
     let nsets = vol.sets.len().max(1) as u64;
+    let mut work = Vec::with_capacity(vol.sets.len());
     for (s, set) in vol.sets.iter().enumerate() {
         let members: Vec<&str> = set
             .members
@@ -118,7 +133,15 @@ pub async fn repair_volume(
             .flat_map(|n| indices[*n].iter().copied())
             .filter(|i| i % nsets == s as u64)
             .collect();
+        work.push((members, idxs));
+    }
+    let total = work.iter().map(|(_, i)| i.len() as u64).sum::<u64>() * vol.chunk_size;
+    let mut done = 0u64;
+    for (members, idxs) in work {
         for idx in idxs {
+            // Before each chunk: the chunks done so far (the first call tells the total).
+            progress(done, total);
+            done += vol.chunk_size;
             report.chunks_checked += 1;
             let chunk = chunk_of(vol.id, idx);
             let mut copies = Vec::new();
@@ -161,12 +184,90 @@ pub async fn repair_volume(
             }
         }
     }
+    progress(done, total);
     for r in reps.values() {
         if let Replica::Remote(c) = r {
             c.close();
         }
     }
     Ok(report)
+}
+
+/// Bytes of set `s` of `v` (its chunks `s, s + n, s + 2n, …`), the share each member holds.
+fn set_bytes(v: &volume_mgr::api::Volume, s: usize) -> u64 {
+    let n = v.sets.len().max(1) as u64;
+    let cs = v.chunk_size.max(1);
+    let chunks = v.size.div_ceil(cs);
+    let mine = chunks / n + u64::from((s as u64) < chunks % n);
+    (mine * cs).min(v.size)
+}
+
+/// Replica bytes per node by the placement record (what each node's chunk list covers).
+fn node_shares(v: &volume_mgr::api::Volume) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (s, set) in v.sets.iter().enumerate() {
+        for m in &set.members {
+            *out.entry(m.node.clone()).or_insert(0) += set_bytes(v, s);
+        }
+    }
+    out
+}
+
+/// A progress callback: `(done, total)` bytes.
+pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// `gateway::verify_volume` with progress: `progress(done, total)` in replica bytes (each
+/// node's share of the volume by the placement record), called as each node's chunk list is
+/// asked for and once at the end (`done == total`).
+pub async fn verify_volume_with_progress(
+    client: &Client,
+    name: &str,
+    secret: &[u8],
+    timeout: Duration,
+    progress: ProgressFn,
+) -> Result<(volume_mgr::api::Volume, crate::gateway::VerifyReport), String> {
+    let vol = client.get_volume(name).await.map_err(|e| e.to_string())?;
+    let cluster = client
+        .cluster()
+        .await
+        .map_err(|e| e.to_string())?
+        .cluster_id;
+    let shares = node_shares(&vol);
+    let total: u64 = shares.values().sum();
+    // (bytes of the nodes done, the node being asked now)
+    let state: Arc<std::sync::Mutex<(u64, Option<String>)>> = Default::default();
+    let client2 = client.clone();
+    let secret = secret.to_vec();
+    let (st, pr) = (state.clone(), progress.clone());
+    let reach =
+        move |node: String| -> futures::future::BoxFuture<'static, Result<Replica, ReplicaError>> {
+            {
+                let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(prev) = g.1.take() {
+                    g.0 += shares.get(&prev).copied().unwrap_or(0);
+                }
+                g.1 = Some(node.clone());
+                pr(g.0, total);
+            }
+            let client = client2.clone();
+            let secret = secret.clone();
+            let cluster = cluster.clone();
+            Box::pin(async move {
+                let n = client
+                    .get_node(&node)
+                    .await
+                    .map_err(|e| ReplicaError::Down(e.to_string()))?;
+                let c = ReplicaClient::connect_timeout(
+                    &n.address, &cluster, "fabctl", &secret, timeout,
+                )
+                .await
+                .map_err(|e| ReplicaError::Down(format!("{}: {e}", n.address)))?;
+                Ok(Replica::Remote(Arc::new(c)))
+            })
+        };
+    let report = crate::gateway::verify(&vol, reach).await;
+    progress(total, total);
+    Ok((vol, report))
 }
 
 #[cfg(test)]
@@ -188,5 +289,39 @@ mod tests {
             ("e".to_string(), Copy::Failed("down".into())),
         ];
         assert_eq!(source(&none), None);
+    }
+
+    #[test]
+    fn shares_cover_every_replica() {
+        let m = |n: &str| volume_mgr::api::Member {
+            node: n.into(),
+            in_service: true,
+        };
+        let v = volume_mgr::api::Volume {
+            name: "v".into(),
+            id: 1,
+            size: 10 << 22,
+            chunk_size: 4 << 20,
+            replicas: 2,
+            min_replicas: 1,
+            sets: vec![
+                volume_mgr::api::ChunkSet {
+                    members: vec![m("a"), m("b")],
+                },
+                volume_mgr::api::ChunkSet {
+                    members: vec![m("b"), m("c")],
+                },
+                volume_mgr::api::ChunkSet {
+                    members: vec![m("a"), m("c")],
+                },
+            ],
+            created_ms: 0,
+        };
+        // 10 chunks over 3 sets: 4, 3, 3.
+        let s = node_shares(&v);
+        assert_eq!(s["a"], 7 << 22);
+        assert_eq!(s["b"], 7 << 22);
+        assert_eq!(s["c"], 6 << 22);
+        assert_eq!(s.values().sum::<u64>(), 2 * v.size);
     }
 }

@@ -151,7 +151,7 @@ enum VolumeCmd {
 
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
-    /// List nodes with their state.
+    /// List nodes: state (up/down/out), draining/full, sets and chunks held, disk use.
     Ls,
     /// Move every replica off a node (marks it draining; waits until it holds nothing).
     Drain {
@@ -449,31 +449,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Node(NodeCmd::Rm { name }) => node::rm(&client, &name).await?,
-        Cmd::Node(NodeCmd::Ls) => {
-            let l = client.list_nodes().await?;
-            if json {
-                print_json(&l.items)?;
-            } else {
-                let rows: Vec<Vec<String>> = l
-                    .items
-                    .iter()
-                    .map(|n| {
-                        vec![
-                            n.name.clone(),
-                            format!("{:?}", n.state).to_lowercase(),
-                            n.zone.clone(),
-                            n.address.clone(),
-                            n.nbd_address.clone(),
-                            ago(n.last_heartbeat_ms),
-                        ]
-                    })
-                    .collect();
-                table::print(
-                    &["NAME", "STATE", "ZONE", "ADDRESS", "NBD", "HEARTBEAT"],
-                    &rows,
-                );
-            }
-        }
+        Cmd::Node(NodeCmd::Ls) => node::ls(&client, json).await?,
         Cmd::Disk(DiskCmd::Ls) => {
             let l = client.list_disks().await?;
             if json {

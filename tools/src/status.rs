@@ -1,6 +1,6 @@
 //! `fabctl status`: cluster health on one screen — nodes up/down (and out: being re-homed),
-//! degraded chunk sets, recovery in progress with bytes left, rate and ETA; `--watch`
-//! redraws it every second.
+//! degraded chunk sets, recovery in progress with bytes left, rate and ETA, rebalancing
+//! (sets moving to added nodes, pending, moved); `--watch` redraws it every second.
 
 use crate::{human, print_json};
 use volume_mgr::api;
@@ -21,6 +21,23 @@ pub fn duration(secs: f64) -> String {
         60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
         _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
     }
+}
+
+/// `moving: 3 sets moving, 5 pending; 2 moved` and the like (pure).
+pub fn rebalance_line(b: &api::Rebalance) -> String {
+    if !b.enabled {
+        return "disabled (--no-rebalance)".into();
+    }
+    let state = if b.state.is_empty() { "idle" } else { &b.state };
+    let mut s = state.to_string();
+    if b.in_progress > 0 || b.pending > 0 {
+        s += &format!(": {} sets moving, {} pending", b.in_progress, b.pending);
+    }
+    if !b.reason.is_empty() {
+        s += &format!(" ({})", b.reason);
+    }
+    s += &format!("; {} moved", b.moved);
+    s
 }
 
 /// The screen (pure: unit-tested).
@@ -74,6 +91,7 @@ pub fn render(r: &api::Recovery, nodes: &[api::Node]) -> String {
         human(r.bytes_copied),
         r.replaced
     );
+    out += &format!("rebalance: {}\n", rebalance_line(&r.rebalance));
     let bad: Vec<&api::VolumeRecovery> = r.volumes.iter().filter(|v| v.degraded_sets > 0).collect();
     if !bad.is_empty() {
         let rows: Vec<Vec<String>> = bad
@@ -157,6 +175,16 @@ mod tests {
                 bytes_copied: 4 << 20,
                 rate: (2 << 20) as f64,
             }],
+            rebalance: api::Rebalance {
+                enabled: true,
+                state: "waiting".into(),
+                reason: "2 chunk sets degraded (recovery first)".into(),
+                pending: 5,
+                in_progress: 0,
+                moved: 3,
+            },
+            nodes: vec![],
+            full_ratio: 0.95,
         };
         let nodes = [node("h1", true), node("h3", false)];
         let s = render(&r, &nodes);
@@ -168,6 +196,19 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("vol") && s.contains("2/16"), "{s}");
+        assert!(
+            s.contains("rebalance: waiting: 0 sets moving, 5 pending (2 chunk sets degraded (recovery first)); 3 moved"),
+            "{s}"
+        );
+        let off = api::Rebalance::default();
+        assert_eq!(rebalance_line(&off), "disabled (--no-rebalance)");
+        let idle = api::Rebalance {
+            enabled: true,
+            state: "idle".into(),
+            moved: 7,
+            ..off
+        };
+        assert_eq!(rebalance_line(&idle), "idle; 7 moved");
         let healthy = api::Recovery {
             nodes_down: 0,
             nodes_out: vec![],

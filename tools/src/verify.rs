@@ -4,10 +4,45 @@
 //! not be reached. With `--repair` a repair pass runs first (`blockd::repair`: every
 //! in-service copy of each chunk gets the copy with the highest chunk version whose checksums
 //! are all good) and prints what it replaced; the verify after it decides the exit status.
+//!
+//! Progress goes to stderr (`crate::progress`: a bar on a terminal, a plain line every few
+//! seconds otherwise, and one when done): the repair in bytes of chunks checked, the verify
+//! in replica bytes whose chunk lists were compared.
 
+use crate::progress::Progress;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use volume_mgr::client::Client;
+
+/// A progress display created on the first report (when the total is known), shared with
+/// the callback blockd calls.
+#[derive(Clone)]
+struct Shown {
+    label: String,
+    p: Arc<Mutex<Option<Progress>>>,
+}
+
+impl Shown {
+    fn new(label: String) -> Shown {
+        Shown {
+            label,
+            p: Arc::default(),
+        }
+    }
+
+    fn report(&self, done: u64, total: u64) {
+        let mut g = self.p.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_or_insert_with(|| Progress::new(self.label.clone(), total))
+            .set(done);
+    }
+
+    fn finish(&self) {
+        if let Some(p) = self.p.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            p.finish();
+        }
+    }
+}
 
 /// Default location of the cluster secret (the file blockd reads with `--secret-file`).
 pub const DEFAULT_SECRET_FILE: &str = "/etc/fabric/cluster.secret";
@@ -28,9 +63,18 @@ pub async fn run(
     })?;
     let secret = secret.trim_ascii().to_vec();
     let repaired = if repair {
-        let r = blockd::repair::repair_volume(client, name, &secret, Duration::from_secs(10))
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let shown = Shown::new(format!("repair {name}"));
+        let sh = shown.clone();
+        let r = blockd::repair::repair_volume_with_progress(
+            client,
+            name,
+            &secret,
+            Duration::from_secs(10),
+            move |d, t| sh.report(d, t),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        shown.finish();
         if !json {
             for l in &r.repaired {
                 println!("REPAIRED {l}");
@@ -52,10 +96,18 @@ pub async fn run(
     } else {
         None
     };
-    let (vol, report) =
-        blockd::gateway::verify_volume(client, name, &secret, Duration::from_secs(10))
-            .await
-            .map_err(anyhow::Error::msg)?;
+    let shown = Shown::new(format!("verify {name}"));
+    let sh = shown.clone();
+    let (vol, report) = blockd::repair::verify_volume_with_progress(
+        client,
+        name,
+        &secret,
+        Duration::from_secs(10),
+        Arc::new(move |d, t| sh.report(d, t)),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    shown.finish();
     let mut out_sets: std::collections::BTreeMap<&str, usize> = Default::default();
     for set in &vol.sets {
         for m in set.members.iter().filter(|m| !m.in_service) {

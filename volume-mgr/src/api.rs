@@ -864,6 +864,58 @@ pub struct Recovery {
     /// Replicas re-homed to a new node by this manager since it started.
     pub replaced: u64,
     pub volumes: Vec<VolumeRecovery>,
+    /// Moves of chunk sets towards their ideal placement (after a node or disk is added).
+    #[serde(default)]
+    pub rebalance: Rebalance,
+    /// Every registered node's share of the data and its condition (`fabctl node ls`).
+    #[serde(default)]
+    pub nodes: Vec<NodeHealth>,
+    /// The manager's `full_ratio`: a disk this full takes no new chunks.
+    #[serde(default)]
+    pub full_ratio: f64,
+}
+
+/// The rebalancer's state in `GET /v1/recovery`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Rebalance {
+    /// False when the manager runs with `--no-rebalance`.
+    pub enabled: bool,
+    /// `idle` (every set where placement wants it), `moving`, `waiting` (sets to move, but
+    /// not now: see `reason`) or `disabled`.
+    pub state: String,
+    /// Why nothing moves although sets are misplaced (degraded sets first, a node not up
+    /// for `rebalance_after` yet, a drain under way, …); empty otherwise.
+    #[serde(default)]
+    pub reason: String,
+    /// Chunk sets whose placement differs from the ideal one, no move started yet.
+    pub pending: u64,
+    /// Chunk sets with a move under way (the new member syncing, or the old one to leave).
+    pub in_progress: u64,
+    /// Moves completed (old member removed) by this manager since it started.
+    pub moved: u64,
+}
+
+/// One node as `fabctl node ls` shows it (part of `GET /v1/recovery`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeHealth {
+    pub name: String,
+    /// Silent past `out_after`: its replicas are re-homed.
+    pub out: bool,
+    pub draining: bool,
+    /// Every disk of the node is past `full_ratio` (or it has no capacity): it takes no
+    /// new chunks.
+    pub full: bool,
+    /// Chunk sets that list the node (any state).
+    pub sets: u64,
+    /// Of those, the ones where its copy is not in service yet (being copied to).
+    pub syncing: u64,
+    /// Chunks of those sets (each set holds every n-th chunk of its volume).
+    pub chunks: u64,
+    /// Bytes used and capacity of its disks, as its last heartbeat reported them.
+    pub used: u64,
+    pub capacity: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -46,6 +46,12 @@ struct Args {
     /// A disk this full (used / capacity, from heartbeats) takes no new chunks [default: 0.95]
     #[arg(long)]
     full_ratio: Option<f64>,
+    /// A node must be up this long before chunk sets move to it (rebalancing) [default: 30s]
+    #[arg(long)]
+    rebalance_after: Option<String>,
+    /// Never move chunk sets to added nodes or disks (drains and re-replication still run)
+    #[arg(long)]
+    no_rebalance: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -62,6 +68,8 @@ struct File {
     overcommit: Option<f64>,
     default_replicas: Option<u32>,
     full_ratio: Option<f64>,
+    rebalance: Option<bool>,
+    rebalance_after: Option<String>,
 }
 
 fn config(a: Args) -> Result<Config, String> {
@@ -170,6 +178,12 @@ fn config(a: Args) -> Result<Config, String> {
         etcd_endpoints,
         etcd_prefix: a.etcd_prefix.or(f.etcd_prefix).unwrap_or(d.etcd_prefix),
         advertise_url,
+        rebalance: !a.no_rebalance && f.rebalance.unwrap_or(d.rebalance),
+        rebalance_after: match a.rebalance_after.or(f.rebalance_after) {
+            Some(s) => volume_mgr::humantime_serde::parse(&s)
+                .map_err(|e| format!("rebalance-after: {e}"))?,
+            None => d.rebalance_after,
+        },
     })
 }
 
@@ -329,6 +343,20 @@ mod tests {
             0.8
         );
         assert_eq!(cfg(&["--data-dir", "/d"]).unwrap().full_ratio, 0.95);
+        let d = cfg(&["--data-dir", "/d"]).unwrap();
+        assert!(d.rebalance);
+        assert_eq!(d.rebalance_after, Duration::from_secs(30));
+        let r = cfg(&[
+            "--data-dir",
+            "/d",
+            "--no-rebalance",
+            "--rebalance-after",
+            "2s",
+        ])
+        .unwrap();
+        assert!(!r.rebalance);
+        assert_eq!(r.rebalance_after, Duration::from_secs(2));
+        assert!(e(&["--data-dir", "/d", "--rebalance-after", "soon"]).contains("rebalance-after"));
         assert!(e(&["--data-dir", "/d", "--default-replicas", "0"]).contains("1..=16"));
         assert!(e(&["--data-dir", "/d", "--default-replicas", "17"]).contains("1..=16"));
         assert!(e(&["--config", "/nonexistent/m.toml"]).contains("/nonexistent/m.toml"));

@@ -44,8 +44,9 @@ pub fn score_hash(volume: u64, index: u64, node: &str) -> u64 {
     h ^ (h >> 31)
 }
 
-/// Weighted rendezvous score: `-w / ln(u)` with `u` uniform in (0, 1).
-fn score(volume: u64, index: u64, c: &Candidate) -> f64 {
+/// Weighted rendezvous score: `-w / ln(u)` with `u` uniform in (0, 1). Higher is better;
+/// [`place`] takes the best ones.
+pub fn score(volume: u64, index: u64, c: &Candidate) -> f64 {
     let u = ((score_hash(volume, index, &c.name) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     -c.weight / u.ln()
 }

@@ -33,6 +33,8 @@
 //! 3. Only then, with every stripe locked (no write in flight), does the gateway record the
 //!    member in service (`POST /v1/volumes/{name}/replicas`, lease epoch checked).
 
+pub mod rebalance;
+
 use crate::api;
 use crate::server::{decode, encode, ApiResult, App};
 use crate::store::{Cond, Kind, Op};
@@ -305,6 +307,10 @@ pub struct RecoveryLive {
     replaced: AtomicU64,
     /// Nodes out at the last pass.
     out: Mutex<Vec<String>>,
+    /// The rebalancer's state at the last pass (`moved` is kept in `moved`).
+    rebalance: Mutex<api::Rebalance>,
+    /// Rebalance moves completed (old member removed).
+    moved: AtomicU64,
 }
 
 const RATE_WINDOW_MS: u64 = 10_000;
@@ -393,6 +399,12 @@ pub async fn pass(app: &App) -> Result<usize, String> {
         }
     }
     *app.recovery.out.lock().unwrap() = out_now;
+    let tracks = {
+        let mut t = app.recovery.tracks.lock().unwrap();
+        // A removed node that registers again is a new node (no flap history).
+        t.retain(|n, _| node_items.iter().any(|(k, _)| k == n));
+        t.clone()
+    };
     let (_, vol_items) = app.store.list(Kind::Volume).map_err(|e| e.to_string())?;
     let mut vols = Vec::new();
     let mut raw = HashMap::new();
@@ -422,10 +434,22 @@ pub async fn pass(app: &App) -> Result<usize, String> {
             }
         }
         if !draining.is_empty() {
+            rebalance_blocked(app, "a drain is under way");
             let steps = plan_drain(&vols, &draining, &views, &candidates, budget);
-            return apply_drain(app, &vols, &raw, &steps);
+            return apply_steps(app, &vols, &raw, &steps, "drain");
         }
+        // Then rebalancing (nothing lost, nothing draining).
+        let ctx = RebalanceCtx {
+            views: &views,
+            tracks: &tracks,
+            disks: &ds,
+            candidates: &candidates,
+            budget,
+            now,
+        };
+        return rebalance_pass(app, &vols, &raw, &ctx);
     }
+    rebalance_blocked(app, "replicas are being re-homed (recovery first)");
     let mut done = 0;
     let mut by_vol: BTreeMap<&str, Vec<&Move>> = BTreeMap::new();
     for m in &moves {
@@ -464,12 +488,143 @@ pub async fn pass(app: &App) -> Result<usize, String> {
     Ok(done)
 }
 
-/// Records drain steps, one commit per volume (conditional on the record read).
-fn apply_drain(
+/// What a rebalancer pass needs from the controller pass.
+struct RebalanceCtx<'a> {
+    views: &'a HashMap<String, NodeView>,
+    tracks: &'a HashMap<String, Track>,
+    disks: &'a [api::Disk],
+    /// Up, non-draining nodes with free space (weighted by it).
+    candidates: &'a [crate::placement::Candidate],
+    /// Copies that may start cluster-wide.
+    budget: usize,
+    now: u64,
+}
+
+/// Notes that rebalancing waits for something else (sets misplaced or not).
+fn rebalance_blocked(app: &App, why: &str) {
+    let mut r = app.recovery.rebalance.lock().unwrap();
+    r.enabled = app.cfg.rebalance;
+    if !app.cfg.rebalance {
+        r.state = "disabled".into();
+        r.reason.clear();
+    } else if r.pending > 0 || r.in_progress > 0 {
+        r.state = "waiting".into();
+        r.reason = why.into();
+    }
+}
+
+/// Plans and records this pass's rebalance steps (see [`rebalance`]); returns how many.
+fn rebalance_pass(
+    app: &App,
+    vols: &[api::Volume],
+    raw: &HashMap<String, Vec<u8>>,
+    ctx: &RebalanceCtx,
+) -> Result<usize, String> {
+    if !app.cfg.rebalance {
+        rebalance_blocked(app, "");
+        return Ok(0);
+    }
+    // The ideal placement: up nodes weighted by capacity (stable as data is written).
+    let mut ideal: Vec<crate::placement::Candidate> = ctx
+        .views
+        .iter()
+        .filter(|(_, v)| v.up)
+        .filter_map(|(name, v)| {
+            let cap: u64 = ctx
+                .disks
+                .iter()
+                .filter(|d| &d.node == name)
+                .map(|d| d.capacity)
+                .sum();
+            (cap > 0).then(|| crate::placement::Candidate {
+                name: name.clone(),
+                zone: v.zone.clone(),
+                weight: cap as f64,
+            })
+        })
+        .collect();
+    ideal.sort_by(|a, b| a.name.cmp(&b.name));
+    let settle = app.cfg.rebalance_after.as_millis() as u64;
+    let eligible: BTreeSet<String> = ctx
+        .candidates
+        .iter()
+        .filter(|c| {
+            ctx.tracks.get(&c.name).is_some_and(|t| {
+                t.up && !t.flapping && ctx.now.saturating_sub(t.since_ms) >= settle
+            })
+        })
+        .map(|c| c.name.clone())
+        .collect();
+    let degraded = vols
+        .iter()
+        .flat_map(|v| v.sets.iter().map(move |s| (v, s)))
+        .filter(|(v, s)| {
+            s.members
+                .iter()
+                .filter(|m| m.in_service && ctx.views.get(&m.node).is_some_and(|n| n.up))
+                .count()
+                < v.replicas as usize
+        })
+        .count();
+    let under_way = rebalance::moves_under_way(vols);
+    let budget = ctx
+        .budget
+        .min(rebalance::MAX_REBALANCING.saturating_sub(under_way));
+    let plan = rebalance::plan_rebalance(vols, ctx.views, &ideal, &eligible, degraded == 0, budget);
+    let adds = plan
+        .steps
+        .iter()
+        .filter(|s| matches!(s, DrainStep::Add { .. }))
+        .count();
+    let removes = plan.steps.len() - adds;
+    {
+        let mut r = app.recovery.rebalance.lock().unwrap();
+        r.enabled = true;
+        r.pending = plan.pending;
+        r.in_progress = plan.in_progress + adds as u64;
+        r.reason = if plan.pending == 0 {
+            String::new()
+        } else if degraded > 0 {
+            format!("{degraded} chunk sets degraded (recovery first)")
+        } else if !plan.waiting_for.is_empty() {
+            format!(
+                "waiting for {} to be up for {:?} with free space",
+                plan.waiting_for
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                app.cfg.rebalance_after
+            )
+        } else {
+            format!(
+                "at most {} moves at once",
+                rebalance::MAX_REBALANCING.min(MAX_SYNCING)
+            )
+        };
+        r.state = if r.in_progress > 0 {
+            "moving"
+        } else if r.pending > 0 {
+            "waiting"
+        } else {
+            "idle"
+        }
+        .into();
+    }
+    let done = apply_steps(app, vols, raw, &plan.steps, "rebalance")?;
+    app.recovery
+        .moved
+        .fetch_add(removes as u64, Ordering::Relaxed);
+    Ok(done)
+}
+
+/// Records drain or rebalance steps, one commit per volume (conditional on the record read).
+fn apply_steps(
     app: &App,
     vols: &[api::Volume],
     raw: &HashMap<String, Vec<u8>>,
     steps: &[DrainStep],
+    what: &str,
 ) -> Result<usize, String> {
     let mut by_vol: BTreeMap<&str, Vec<&DrainStep>> = BTreeMap::new();
     for st in steps {
@@ -506,7 +661,7 @@ fn apply_drain(
             .map_err(|e| e.to_string())?;
         app.volume_rev.send_replace(rev);
         for st in sts {
-            tracing::info!(step = ?st, "drain step recorded");
+            tracing::info!(step = ?st, what, "placement step recorded");
             done += 1;
         }
     }
@@ -584,10 +739,20 @@ pub fn document(app: &App) -> ApiResult<api::Recovery> {
         let c = app.recovery.copied.lock().unwrap();
         (c.rate(crate::server::now_ms()), c.total)
     };
+    let out_nodes = app.recovery.out.lock().unwrap().clone();
+    let nodes = node_health(app, &node_items, &vol_items, &out_nodes)?;
+    let mut rebalance = app.recovery.rebalance.lock().unwrap().clone();
+    rebalance.enabled = app.cfg.rebalance;
+    rebalance.moved = app.recovery.moved.load(Ordering::Relaxed);
+    if !app.cfg.rebalance {
+        rebalance.state = "disabled".into();
+    } else if rebalance.state.is_empty() {
+        rebalance.state = "idle".into();
+    }
     Ok(api::Recovery {
         nodes_up: up,
         nodes_down: down,
-        nodes_out: app.recovery.out.lock().unwrap().clone(),
+        nodes_out: out_nodes,
         degraded_sets: degraded,
         syncing_replicas: syncing,
         bytes_left: left,
@@ -596,7 +761,55 @@ pub fn document(app: &App) -> ApiResult<api::Recovery> {
         eta_s: (rate > 0.0 && left > 0).then(|| left as f64 / rate),
         replaced: app.recovery.replaced.load(Ordering::Relaxed),
         volumes,
+        rebalance,
+        nodes,
+        full_ratio: app.cfg.full_ratio,
     })
+}
+
+/// Every registered node's share of the data and its condition (by name).
+fn node_health(
+    app: &App,
+    node_items: &[(String, Vec<u8>)],
+    vol_items: &[(String, Vec<u8>)],
+    out: &[String],
+) -> ApiResult<Vec<api::NodeHealth>> {
+    let (_, ds) = crate::server::disks(app)?;
+    let mut by_name: BTreeMap<String, api::NodeHealth> = BTreeMap::new();
+    for (name, _) in node_items {
+        let mine: Vec<&api::Disk> = ds.iter().filter(|d| &d.node == name).collect();
+        by_name.insert(
+            name.clone(),
+            api::NodeHealth {
+                name: name.clone(),
+                out: out.contains(name),
+                draining: crate::server::is_draining(app, name)?,
+                full: mine.iter().all(|d| {
+                    crate::server::placeable_free(d.capacity, d.used, app.cfg.full_ratio) == 0
+                }),
+                sets: 0,
+                syncing: 0,
+                chunks: 0,
+                used: mine.iter().map(|d| d.used).sum(),
+                capacity: mine.iter().map(|d| d.capacity).sum(),
+            },
+        );
+    }
+    for (_, b) in vol_items {
+        let v: api::Volume = decode(b)?;
+        let cs = v.chunk_size.max(1);
+        for (s, set) in v.sets.iter().enumerate() {
+            let chunks = set_bytes(&v, s).div_ceil(cs);
+            for m in &set.members {
+                if let Some(h) = by_name.get_mut(&m.node) {
+                    h.sets += 1;
+                    h.chunks += chunks;
+                    h.syncing += u64::from(!m.in_service);
+                }
+            }
+        }
+    }
+    Ok(by_name.into_values().collect())
 }
 
 pub async fn get_recovery(State(app): State<Arc<App>>) -> ApiResult<Json<api::Recovery>> {

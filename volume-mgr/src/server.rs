@@ -74,6 +74,12 @@ pub struct Config {
     /// election) [default: http://LISTEN].
     #[serde(default)]
     pub advertise_url: Option<String>,
+    /// Move chunk sets to nodes (or disks) added since they were placed (`recovery`).
+    #[serde(default = "default_rebalance")]
+    pub rebalance: bool,
+    /// A node must be up this long before the rebalancer moves data to it.
+    #[serde(with = "crate::humantime_serde", default = "default_rebalance_after")]
+    pub rebalance_after: Duration,
 }
 
 fn default_store() -> String {
@@ -82,6 +88,14 @@ fn default_store() -> String {
 
 fn default_etcd_prefix() -> String {
     "/fabric/".into()
+}
+
+fn default_rebalance() -> bool {
+    true
+}
+
+fn default_rebalance_after() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_full_ratio() -> f64 {
@@ -111,6 +125,8 @@ impl Default for Config {
             etcd_endpoints: Vec::new(),
             etcd_prefix: default_etcd_prefix(),
             advertise_url: None,
+            rebalance: default_rebalance(),
+            rebalance_after: default_rebalance_after(),
         }
     }
 }
