@@ -7,6 +7,7 @@ pub mod client;
 pub mod humantime_serde;
 pub mod metrics;
 pub mod net;
+pub mod openapi;
 pub mod placement;
 pub mod recovery;
 pub mod server;

@@ -34,8 +34,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-mod network;
-mod vip;
+pub(crate) mod network;
+pub(crate) mod vip;
 
 /// Largest volume: 1 PiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
@@ -272,6 +272,7 @@ fn validate_addr(what: &str, a: &str, allow_empty: bool) -> ApiResult<()> {
     }
 }
 
+#[utoipa::path(put, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path, description = "Node name")), request_body = api::RegisterNode, responses((status = 200, body = api::Node, description = "Registered (or re-registered)")))]
 async fn register(
     State(app): State<AppState>,
     Name(name): Name,
@@ -337,6 +338,7 @@ async fn register(
     Ok(Json(node))
 }
 
+#[utoipa::path(put, path = "/v1/nodes/{name}/heartbeat", tag = "nodes", params(("name" = String, Path, description = "Node name")), request_body = api::Heartbeat, responses((status = 204, description = "Recorded"), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn heartbeat(
     State(app): State<AppState>,
     Name(name): Name,
@@ -365,6 +367,7 @@ pub(crate) fn with_liveness(app: &App, mut n: api::Node) -> api::Node {
     n
 }
 
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes", responses((status = 200, body = api::List<api::Node>)))]
 async fn list_nodes(State(app): State<AppState>) -> ApiResult<Json<api::List<api::Node>>> {
     let (revision, items) = app.store.list(Kind::Node)?;
     let items = items
@@ -374,6 +377,7 @@ async fn list_nodes(State(app): State<AppState>) -> ApiResult<Json<api::List<api
     Ok(Json(api::List { revision, items }))
 }
 
+#[utoipa::path(get, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path, description = "Node name")), responses((status = 200, body = api::Node), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn get_node(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Node>> {
     let b = app
         .store
@@ -400,11 +404,13 @@ pub(crate) fn disks(app: &App) -> ApiResult<(u64, Vec<api::Disk>)> {
     Ok((revision, out))
 }
 
+#[utoipa::path(get, path = "/v1/disks", tag = "nodes", responses((status = 200, body = api::List<api::Disk>)))]
 async fn list_disks(State(app): State<AppState>) -> ApiResult<Json<api::List<api::Disk>>> {
     let (revision, items) = disks(&app)?;
     Ok(Json(api::List { revision, items }))
 }
 
+#[utoipa::path(post, path = "/v1/volumes", tag = "volumes", request_body = api::CreateVolume, responses((status = 201, body = api::Volume, description = "Created"), (status = 409, body = api::ApiError, description = "already_exists, or conflict (a concurrent change; retry)"), (status = 507, body = api::ApiError, description = "no_capacity")))]
 async fn create_volume(
     State(app): State<AppState>,
     Body(req): Body<api::CreateVolume>,
@@ -586,6 +592,7 @@ fn volumes_on(app: &App, node: &str) -> ApiResult<Vec<String>> {
 /// `POST /v1/nodes/{name}/drain`: marks the node draining (durably). Placement skips it and
 /// the recovery controller moves every replica it holds to other nodes, keeping its copy in
 /// service until the new one is. Answers what is left to move.
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", tag = "nodes", params(("name" = String, Path, description = "Node name")), responses((status = 200, body = api::NodeDrain), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn drain_node(
     State(app): State<AppState>,
     Name(name): Name,
@@ -608,6 +615,7 @@ async fn drain_node(
 
 /// `DELETE /v1/nodes/{name}`: removes the node's record (and its disks and drain mark).
 /// Refused (409 `node_in_use`, naming the volumes) while any chunk set lists the node.
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path, description = "Node name")), responses((status = 204, description = "Removed"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "node_in_use: the node still holds replicas")))]
 async fn remove_node(State(app): State<AppState>, Name(name): Name) -> ApiResult<StatusCode> {
     let _g = app.mutate.lock().await;
     if app.store.get(Kind::Node, &name)?.is_none() {
@@ -675,6 +683,7 @@ pub(crate) fn placement_candidates(
 /// The lease holder records a replica in or out of service (durably, before it acts on it).
 /// The last in-service replica of a set is never recorded out: it is the only copy known to
 /// hold every acknowledged write.
+#[utoipa::path(post, path = "/v1/volumes/{name}/replicas", tag = "volumes", params(("name" = String, Path, description = "Volume name")), request_body = api::ReplicaUpdate, responses((status = 200, body = api::Volume), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "stale_lease, or conflict (a concurrent change; retry)")))]
 async fn update_replicas(
     State(app): State<AppState>,
     Name(name): Name,
@@ -769,6 +778,7 @@ async fn update_replicas(
     Ok(Json(vol))
 }
 
+#[utoipa::path(get, path = "/v1/leases", tag = "volumes", responses((status = 200, body = api::List<api::Lease>)))]
 async fn list_leases(State(app): State<AppState>) -> ApiResult<Json<api::List<api::Lease>>> {
     let (revision, items) = app.store.list(Kind::Lease)?;
     let items = items
@@ -785,6 +795,7 @@ struct WatchQuery {
     timeout_ms: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes", params(("after_revision" = Option<u64>, Query, description = "Long-poll: answer once the revision is past this"), ("timeout_ms" = Option<u64>, Query, description = "Long-poll limit, default 30000, at most 60000")), responses((status = 200, body = api::List<api::Volume>)))]
 async fn list_volumes(
     State(app): State<AppState>,
     q: Result<Query<WatchQuery>, axum::extract::rejection::QueryRejection>,
@@ -807,6 +818,7 @@ async fn list_volumes(
     Ok(Json(api::List { revision, items }))
 }
 
+#[utoipa::path(get, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path, description = "Volume name")), responses((status = 200, body = api::Volume), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn get_volume(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Volume>> {
     let b = app
         .store
@@ -815,6 +827,7 @@ async fn get_volume(State(app): State<AppState>, Name(name): Name) -> ApiResult<
     Ok(Json(decode(&b)?))
 }
 
+#[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path, description = "Volume name")), responses((status = 204, description = "Deleted (with its lease)"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 async fn delete_volume(State(app): State<AppState>, Name(name): Name) -> ApiResult<StatusCode> {
     let _g = app.mutate.lock().await;
     let cur = app
@@ -838,6 +851,7 @@ async fn delete_volume(State(app): State<AppState>, Name(name): Name) -> ApiResu
 /// Grants the volume's writer lease to `node`. The holder re-asking keeps its epoch (a
 /// re-attach); any other node takes the lease over with the next epoch (migration, failover).
 /// The new epoch is durable before it is returned, so no two holders ever share an epoch.
+#[utoipa::path(post, path = "/v1/volumes/{name}/lease", tag = "volumes", params(("name" = String, Path, description = "Volume name")), request_body = api::LeaseRequest, responses((status = 200, body = api::Lease), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 async fn acquire_lease(
     State(app): State<AppState>,
     Name(name): Name,
@@ -869,6 +883,7 @@ async fn acquire_lease(
     Ok(Json(lease))
 }
 
+#[utoipa::path(get, path = "/v1/volumes/{name}/lease", tag = "volumes", params(("name" = String, Path, description = "Volume name")), responses((status = 200, body = api::Lease), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn get_lease(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Lease>> {
     let b = app
         .store
@@ -877,6 +892,7 @@ async fn get_lease(State(app): State<AppState>, Name(name): Name) -> ApiResult<J
     Ok(Json(decode(&b)?))
 }
 
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = api::ClusterInfo)))]
 async fn cluster(State(app): State<AppState>) -> ApiResult<Json<api::ClusterInfo>> {
     Ok(Json(api::ClusterInfo {
         cluster_id: app.cluster_id.clone(),
@@ -884,6 +900,7 @@ async fn cluster(State(app): State<AppState>) -> ApiResult<Json<api::ClusterInfo
     }))
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "cluster", responses((status = 200, content_type = "text/plain", body = String, description = "Prometheus text format")))]
 async fn metrics(State(app): State<AppState>) -> Response {
     let mut out = String::new();
     app.metrics.render(&mut out);
@@ -1008,6 +1025,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/vips/{name}/lease",
             axum::routing::post(vip::acquire_lease).delete(vip::release_lease),
         )
+        .route("/v1/openapi.json", get(crate::openapi::openapi_json))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
