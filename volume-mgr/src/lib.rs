@@ -3,6 +3,7 @@
 //! serves the `/v1` HTTP/JSON API, and provides the client library the agents and fabctl use.
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod humantime_serde;
 pub mod metrics;
@@ -12,6 +13,7 @@ pub mod placement;
 pub mod recovery;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod vip;
 
 pub use server::{serve, Config};

@@ -39,6 +39,16 @@ struct Args {
     /// A disk this full (used / capacity, from heartbeats) takes no new chunks [default: 0.95]
     #[arg(long)]
     full_ratio: Option<f64>,
+    /// TOML file of bearer tokens (`[[tokens]] token = "…" role = "admin"|"read-only"`), added to
+    /// the config's `[[tokens]]`. No token anywhere: the API is open [default]
+    #[arg(long)]
+    tokens_file: Option<PathBuf>,
+    /// PEM certificate (chain) to serve HTTPS with (with --tls-key)
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -53,6 +63,11 @@ struct File {
     overcommit: Option<f64>,
     default_replicas: Option<u32>,
     full_ratio: Option<f64>,
+    #[serde(default)]
+    tokens: Vec<volume_mgr::auth::Token>,
+    tokens_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 fn config(a: Args) -> Result<Config, String> {
@@ -83,6 +98,15 @@ fn config(a: Args) -> Result<Config, String> {
             return Err("--store etcd is not supported yet (use the embedded store)".into());
         }
         Some(o) => return Err(format!("--store {o:?}: use embedded or etcd")),
+    }
+    let mut tokens = f.tokens;
+    if let Some(p) = a.tokens_file.or(f.tokens_file) {
+        tokens.extend(volume_mgr::auth::load_tokens_file(&p)?);
+    }
+    volume_mgr::auth::validate(&tokens)?;
+    let (tls_cert, tls_key) = (a.tls_cert.or(f.tls_cert), a.tls_key.or(f.tls_key));
+    if tls_cert.is_some() != tls_key.is_some() {
+        return Err("--tls-cert and --tls-key go together".into());
     }
     let d = Config::default();
     let listen = a.listen.or(f.listen).unwrap_or(d.listen);
@@ -123,6 +147,9 @@ fn config(a: Args) -> Result<Config, String> {
             Some(r) => return Err(format!("full-ratio must be in (0, 1], got {r}")),
             None => d.full_ratio,
         },
+        tokens,
+        tls_cert,
+        tls_key,
     })
 }
 
@@ -273,5 +300,47 @@ mod tests {
         assert!(e(&["--data-dir", "/d", "--default-replicas", "0"]).contains("1..=16"));
         assert!(e(&["--data-dir", "/d", "--default-replicas", "17"]).contains("1..=16"));
         assert!(e(&["--config", "/nonexistent/m.toml"]).contains("/nonexistent/m.toml"));
+        assert!(e(&["--data-dir", "/d", "--tls-cert", "/c.pem"]).contains("go together"));
+        assert!(e(&["--data-dir", "/d", "--tokens-file", "/nonexistent/t.toml"])
+            .contains("/nonexistent/t.toml"));
+    }
+
+    #[test]
+    fn tokens_from_config_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.toml");
+        let t = dir.path().join("t.toml");
+        std::fs::write(
+            &f,
+            "data-dir = \"/d\"\n[[tokens]]\ntoken = \"admin-token-0123456789\"\nrole = \"admin\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &t,
+            "[[tokens]]\ntoken = \"reader-token-0123456789\"\nrole = \"read-only\"\n",
+        )
+        .unwrap();
+        let c = cfg(&["--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!(c.tokens.len(), 1);
+        let c = cfg(&[
+            "--config",
+            f.to_str().unwrap(),
+            "--tokens-file",
+            t.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.tokens.iter().map(|t| t.role).collect::<Vec<_>>(),
+            [
+                volume_mgr::auth::Role::Admin,
+                volume_mgr::auth::Role::ReadOnly
+            ]
+        );
+        std::fs::write(&t, "[[tokens]]\ntoken = \"x\"\nrole = \"root\"\n").unwrap();
+        let e = cfg(&["--data-dir", "/d", "--tokens-file", t.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("t.toml") && e.contains("unknown variant"), "{e}");
+        std::fs::write(&t, "[[tokens]]\ntoken = \"short\"\nrole = \"admin\"\n").unwrap();
+        let e = cfg(&["--data-dir", "/d", "--tokens-file", t.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("16 to 512"), "{e}");
     }
 }

@@ -58,6 +58,14 @@ pub struct Config {
     /// no new chunks: placement (new volumes, re-homing, drains) skips it.
     #[serde(default = "default_full_ratio")]
     pub full_ratio: f64,
+    /// Bearer tokens; none: the API is open (see [`crate::auth`]).
+    #[serde(default)]
+    pub tokens: Vec<crate::auth::Token>,
+    /// PEM certificate chain and private key: serve HTTPS (rustls) instead of HTTP.
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 fn default_full_ratio() -> f64 {
@@ -83,6 +91,9 @@ impl Default for Config {
             overcommit: 1.0,
             default_replicas: 3,
             full_ratio: default_full_ratio(),
+            tokens: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -1036,6 +1047,10 @@ pub fn router(app: Arc<App>) -> Router {
                 "method not allowed on this route".into(),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(app.cfg.tokens.clone()),
+            crate::auth::check,
+        ))
         .layer(axum::middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
 }
@@ -1111,28 +1126,51 @@ fn new_cluster_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Opens the state under `cfg.data_dir` and serves the API on `listener` until `shutdown`
-/// resolves; then stops accepting, answers pending long-polls at once, lets in-flight requests
-/// finish and returns. Every acknowledged change is already durable, so there is nothing
-/// to flush.
+/// Opens the state under `cfg.data_dir` and serves the API on `listener` (HTTPS when
+/// `tls_cert` and `tls_key` are set) until `shutdown` resolves; then stops accepting, answers
+/// pending long-polls at once, lets in-flight requests finish and returns. Every acknowledged
+/// change is already durable, so there is nothing to flush.
 pub async fn serve(
     cfg: Config,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    crate::auth::validate(&cfg.tokens)?;
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => Some(crate::tls::server_config(c, k).await?),
+        (None, None) => None,
+        _ => return Err("tls-cert and tls-key go together".into()),
+    };
     let app = open(cfg)?;
-    tracing::info!(addr = ?listener.local_addr().ok(), cluster_id = %app.cluster_id, "volume-mgr serving");
+    tracing::info!(addr = ?listener.local_addr().ok(), cluster_id = %app.cluster_id, tls = tls.is_some(), auth = !app.cfg.tokens.is_empty(), "volume-mgr serving");
     let stopping = app.clone();
     tokio::spawn(network::switch_liveness(app.clone()));
     tokio::spawn(crate::recovery::controller(app.clone()));
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("volume-mgr shutting down");
-            stopping.stopping.send_replace(true);
-        })
-        .await
-        .map_err(|e| e.to_string())
+    let stop = async move {
+        shutdown.await;
+        tracing::info!("volume-mgr shutting down");
+        stopping.stopping.send_replace(true);
+    };
+    match tls {
+        None => axum::serve(listener, router(app))
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(|e| e.to_string()),
+        Some(tls) => {
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                stop.await;
+                h.graceful_shutdown(None);
+            });
+            let std_listener = listener.into_std().map_err(|e| e.to_string())?;
+            axum_server::from_tcp_rustls(std_listener, tls)
+                .handle(handle)
+                .serve(router(app).into_make_service())
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 #[cfg(test)]
