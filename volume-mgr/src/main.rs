@@ -301,8 +301,10 @@ mod tests {
         assert!(e(&["--data-dir", "/d", "--default-replicas", "17"]).contains("1..=16"));
         assert!(e(&["--config", "/nonexistent/m.toml"]).contains("/nonexistent/m.toml"));
         assert!(e(&["--data-dir", "/d", "--tls-cert", "/c.pem"]).contains("go together"));
-        assert!(e(&["--data-dir", "/d", "--tokens-file", "/nonexistent/t.toml"])
-            .contains("/nonexistent/t.toml"));
+        assert!(
+            e(&["--data-dir", "/d", "--tokens-file", "/nonexistent/t.toml"])
+                .contains("/nonexistent/t.toml")
+        );
     }
 
     #[test]

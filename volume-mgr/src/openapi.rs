@@ -215,9 +215,33 @@ pub fn document() -> utoipa::openapi::OpenApi {
 
 /// The document as served and checked in: pretty JSON with a final newline.
 pub fn json() -> String {
-    let mut s = document()
-        .to_pretty_json()
-        .expect("the OpenAPI document serialises");
+    let mut v = serde_json::to_value(document()).expect("the OpenAPI document serialises");
+    unsigned_bounds(&mut v);
+    let mut s = serde_json::to_string_pretty(&v).expect("JSON serialises");
     s.push('\n');
     s
+}
+
+/// utoipa writes Rust's unsigned integers as `int32`/`int64` with `minimum: 0`; their real
+/// range is wider than those formats say (a u64 field takes 2^63), so they get their own
+/// format and an explicit maximum.
+fn unsigned_bounds(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.get("minimum") == Some(&serde_json::json!(0)) && !m.contains_key("maximum") {
+                let max = match m.get("format").and_then(|f| f.as_str()) {
+                    Some("int64") => Some(("uint64", serde_json::json!(u64::MAX))),
+                    Some("int32") => Some(("uint32", serde_json::json!(u32::MAX))),
+                    _ => None,
+                };
+                if let Some((format, max)) = max {
+                    m.insert("format".into(), format.into());
+                    m.insert("maximum".into(), max);
+                }
+            }
+            m.values_mut().for_each(unsigned_bounds);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(unsigned_bounds),
+        _ => {}
+    }
 }

@@ -98,7 +98,8 @@ fn tokens_and_roles() {
         let (code, out) = call(&u("/v1/volumes"), "GET", token, None);
         assert_eq!(code, 401, "{out}");
         assert!(
-            out.to_ascii_lowercase().contains("www-authenticate: bearer"),
+            out.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
             "{out}"
         );
         assert!(out.contains(r#""code":"unauthenticated""#), "{out}");
@@ -113,7 +114,12 @@ fn tokens_and_roles() {
     assert_eq!(code, 403, "{out}");
     let (code, out) = call(&u("/v1/networks"), "POST", Some(ADMIN), Some(net));
     assert_eq!(code, 201, "{out}");
-    for p in ["/v1/networks", "/v1/networks/n1", "/metrics", "/v1/openapi.json"] {
+    for p in [
+        "/v1/networks",
+        "/v1/networks/n1",
+        "/metrics",
+        "/v1/openapi.json",
+    ] {
         let (code, out) = call(&u(p), "GET", Some(READER), None);
         assert_eq!(code, 200, "GET {p}: {out}");
     }
@@ -130,7 +136,9 @@ fn tokens_and_roles() {
     rt.block_on(admin.delete_network("n1")).unwrap();
     let reader = c.with_token(Some(READER.into()));
     match rt.block_on(reader.delete_network("n1")) {
-        Err(ClientError::Api { status: 403, code, .. }) => assert_eq!(code, "forbidden"),
+        Err(ClientError::Api {
+            status: 403, code, ..
+        }) => assert_eq!(code, "forbidden"),
         other => panic!("expected 403, got {other:?}"),
     }
 }
@@ -179,7 +187,11 @@ fn https_with_a_self_signed_certificate() {
     );
     let https = format!("https://127.0.0.1:{port}");
 
-    let (out, err, ok) = curl(&["--cacert", cert.to_str().unwrap(), &format!("{https}/healthz")]);
+    let (out, err, ok) = curl(&[
+        "--cacert",
+        cert.to_str().unwrap(),
+        &format!("{https}/healthz"),
+    ]);
     assert!(ok && out == "ok\n", "{out} {err}");
     // Without trusting the certificate curl refuses it.
     let (_, err, ok) = curl(&[&format!("{https}/healthz")]);
@@ -205,8 +217,15 @@ fn https_with_a_self_signed_certificate() {
     let (out, _, ok) = curl(&[&format!("http://127.0.0.1:{port}/healthz")]);
     assert!(!(ok && out == "ok\n"), "plain HTTP served: {out}");
     assert!(t.elapsed() < Duration::from_secs(8), "plain HTTP hung");
-    let (out, err, ok) = curl(&["--cacert", cert.to_str().unwrap(), &format!("https://127.0.0.1:{port}/healthz")]);
-    assert!(ok && out == "ok\n", "still serving after a plain HTTP client: {out} {err}");
+    let (out, err, ok) = curl(&[
+        "--cacert",
+        cert.to_str().unwrap(),
+        &format!("https://127.0.0.1:{port}/healthz"),
+    ]);
+    assert!(
+        ok && out == "ok\n",
+        "still serving after a plain HTTP client: {out} {err}"
+    );
 }
 
 #[test]
