@@ -113,8 +113,7 @@ fn every_route_is_documented_and_every_operation_routed() {
     for (path, methods) in &doc {
         let uri = path
             .replace("{addr}", "127.0.0.1:1")
-            .replace('{', "")
-            .replace('}', "");
+            .replace(['{', '}'], "");
         for m in ALL {
             let req = Request::builder()
                 .method(m.clone())
