@@ -11,6 +11,8 @@ use std::time::Duration;
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub manager: Option<String>,
+    pub manager_token: Option<String>,
+    pub manager_ca: Option<PathBuf>,
     pub node: Option<String>,
     pub listen: Option<String>,
     pub nbd_listen: Option<String>,
@@ -35,6 +37,10 @@ pub struct FileConfig {
 pub struct Config {
     /// volume-mgr URLs (comma-separated on the command line; the first that answers is used).
     pub manager: Vec<String>,
+    /// Bearer token sent to volume-mgr.
+    pub manager_token: Option<String>,
+    /// PEM CA certificate trusted for an https:// volume-mgr.
+    pub manager_ca: Option<PathBuf>,
     pub node: String,
     /// Replica protocol address (registered with volume-mgr).
     pub listen: SocketAddr,
@@ -93,6 +99,8 @@ impl FileConfig {
     pub fn overlay(self, flags: FileConfig) -> FileConfig {
         FileConfig {
             manager: flags.manager.or(self.manager),
+            manager_token: flags.manager_token.or(self.manager_token),
+            manager_ca: flags.manager_ca.or(self.manager_ca),
             node: flags.node.or(self.node),
             listen: flags.listen.or(self.listen),
             nbd_listen: flags.nbd_listen.or(self.nbd_listen),
@@ -215,7 +223,14 @@ impl FileConfig {
             Some(r) => return Err(format!("full-ratio must be in (0, 1], got {r}")),
             None => 0.95,
         };
+        if let Some(t) = &self.manager_token {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err("manager-token: visible ASCII characters only, not empty".into());
+            }
+        }
         Ok(Config {
+            manager_token: self.manager_token,
+            manager_ca: self.manager_ca,
             full_ratio,
             scrub_rate,
             scrub_interval,

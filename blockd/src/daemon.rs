@@ -45,7 +45,9 @@ pub async fn run(
             .map_err(|e| DaemonError::Other(format!("opening disks: {e}")))??,
     );
     store.set_full_ratio(cfg.full_ratio);
-    let client = Client::new(cfg.manager.clone());
+    let client = Client::new(cfg.manager.clone())
+        .with_auth(cfg.manager_token.clone(), cfg.manager_ca.as_deref())
+        .map_err(|e| DaemonError::Other(format!("manager client: {e}")))?;
     let (verified, verified_rx) = tokio::sync::watch::channel(false);
     let service = Arc::new(ReplicaService::new(store.clone()));
     let gw = gateway::Ctx::new(

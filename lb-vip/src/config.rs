@@ -15,6 +15,8 @@ use crate::sched::{Algo, Proto};
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub manager: Option<String>,
+    pub manager_token: Option<String>,
+    pub manager_ca: Option<std::path::PathBuf>,
     pub node: Option<String>,
     pub http_listen: Option<String>,
     pub report_interval: Option<String>,
@@ -29,6 +31,10 @@ pub struct FileConfig {
 pub struct Config {
     /// volume-mgr URLs (tried in order).
     pub manager: Vec<String>,
+    /// Bearer token sent to volume-mgr.
+    pub manager_token: Option<String>,
+    /// PEM CA certificate trusted for an https:// volume-mgr.
+    pub manager_ca: Option<std::path::PathBuf>,
     pub node: String,
     /// `/metrics` and `/healthz`.
     pub http_listen: Option<SocketAddr>,
@@ -70,6 +76,8 @@ impl FileConfig {
     pub fn overlay(self, flags: FileConfig) -> FileConfig {
         FileConfig {
             manager: flags.manager.or(self.manager),
+            manager_token: flags.manager_token.or(self.manager_token),
+            manager_ca: flags.manager_ca.or(self.manager_ca),
             node: flags.node.or(self.node),
             http_listen: flags.http_listen.or(self.http_listen),
             report_interval: flags.report_interval.or(self.report_interval),
@@ -139,7 +147,14 @@ impl FileConfig {
                 "overlay-netns-prefix: {overlay_netns_prefix:?} cannot start a namespace name (at most 32 characters, no '/', spaces, or a leading '.')"
             ));
         }
+        if let Some(t) = &self.manager_token {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err("manager-token: visible ASCII characters only, not empty".into());
+            }
+        }
         Ok(Config {
+            manager_token: self.manager_token,
+            manager_ca: self.manager_ca,
             vip_interface: self.vip_interface,
             overlay_netns_prefix,
             manager,

@@ -694,12 +694,14 @@ fn stop_entry(e: Entry) -> Option<tokio::task::JoinHandle<()>> {
 
 /// Runs lb-vip until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let client = Client::new(cfg.manager.clone());
+    let client = Client::new(cfg.manager.clone())
+        .with_auth(cfg.manager_token.clone(), cfg.manager_ca.as_deref())?;
     let shared = Arc::new(Shared {
         node: cfg.node.clone(),
         cfg: cfg.clone(),
         // Lease requests on fresh connections (see `Client::new_unpooled`).
-        lease_client: Client::new_unpooled(cfg.manager.clone()),
+        lease_client: Client::new_unpooled(cfg.manager.clone())
+            .with_auth(cfg.manager_token.clone(), cfg.manager_ca.as_deref())?,
         client: client.clone(),
         vips: Mutex::new(BTreeMap::new()),
         revision: std::sync::atomic::AtomicU64::new(0),

@@ -24,7 +24,7 @@ use volume_mgr::client::Client;
     about = "Operate a Fabric cluster: volumes, nodes, disks, overlay networks, ports, vswitches, load-balanced VIPs; `fabctl up` for one host"
 )]
 struct Cli {
-    /// volume-mgr URL(s), comma-separated (tried in order): http://HOST:PORT.
+    /// volume-mgr URL(s), comma-separated (tried in order): http://HOST:PORT or https://HOST:PORT.
     #[arg(
         long,
         global = true,
@@ -32,6 +32,12 @@ struct Cli {
         default_value = "http://127.0.0.1:7700"
     )]
     manager: String,
+    /// Bearer token for a manager with tokens configured (read-only tokens: listing only).
+    #[arg(long, global = true, env = "FABRIC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA certificate to trust for an https:// manager (e.g. its self-signed certificate).
+    #[arg(long = "manager-ca", global = true, env = "FABRIC_CA")]
+    manager_ca: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -175,7 +181,7 @@ enum DiskCmd {
 
 pub use size::parse_size;
 
-/// The `--manager` value: one or more `http://HOST:PORT` URLs, comma-separated.
+/// The `--manager` value: one or more `http://HOST:PORT` (or `https://`) URLs, comma-separated.
 fn manager_urls(arg: &str) -> anyhow::Result<Vec<String>> {
     let urls: Vec<String> = arg
         .split(',')
@@ -186,9 +192,12 @@ fn manager_urls(arg: &str) -> anyhow::Result<Vec<String>> {
         anyhow::bail!("--manager is empty: give http://HOST:PORT");
     }
     for u in &urls {
-        let host = u.strip_prefix("http://").ok_or_else(|| {
-            anyhow::anyhow!("--manager {u:?}: expected http://HOST:PORT (https is not supported)")
-        })?;
+        let host = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"))
+            .ok_or_else(|| {
+                anyhow::anyhow!("--manager {u:?}: expected http://HOST:PORT or https://HOST:PORT")
+            })?;
         if host.is_empty() || host.contains('/') {
             anyhow::bail!("--manager {u:?}: expected http://HOST:PORT, without a path");
         }
@@ -286,7 +295,10 @@ fn replica_rows(v: &api::Volume, nodes: &[api::Node]) -> Vec<Vec<String>> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(manager_urls(&cli.manager)?);
+    let mut client = Client::new(manager_urls(&cli.manager)?).with_token(cli.token.clone());
+    if let Some(ca) = &cli.manager_ca {
+        client = client.with_ca_file(ca)?;
+    }
     let json = cli.output == Output::Json;
     match cli.cmd {
         Cmd::Up(_) => unreachable!("handled before the runtime starts"),
@@ -517,7 +529,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line: the whole cause chain.
-            let msg = format!("{e:#}").replace('\n', " ");
+            let mut msg = format!("{e:#}").replace('\n', " ");
+            if let Some(volume_mgr::client::ClientError::Api { status: 401, .. }) =
+                e.downcast_ref::<volume_mgr::client::ClientError>()
+            {
+                msg.push_str(" (give a token with --token or FABRIC_TOKEN)");
+            }
             eprintln!("fabctl: {msg}");
             std::process::ExitCode::FAILURE
         }
@@ -534,7 +551,8 @@ mod tests {
             manager_urls("http://a:1/, http://b:2").unwrap(),
             vec!["http://a:1", "http://b:2"]
         );
-        for bad in ["", ",", "a:1", "https://a:1", "http://", "http://a:1/v1"] {
+        assert_eq!(manager_urls("https://a:1").unwrap(), vec!["https://a:1"]);
+        for bad in ["", ",", "a:1", "ftp://a:1", "http://", "http://a:1/v1"] {
             assert!(manager_urls(bad).is_err(), "{bad}");
         }
     }

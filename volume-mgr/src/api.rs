@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
 /// Error body of every non-2xx answer: a stable machine code and a one-line reason.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiError {
     /// Stable code, e.g. `not_found`, `already_exists`, `invalid_argument`, `no_capacity`.
@@ -19,7 +19,7 @@ pub struct ApiError {
 }
 
 /// A list with the store revision it was read at (for long-poll watches).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct List<T> {
     pub revision: u64,
@@ -27,7 +27,7 @@ pub struct List<T> {
 }
 
 /// A disk as an agent reports it when it registers.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Path on the node (file or block device).
@@ -39,7 +39,7 @@ pub struct DiskSpec {
 }
 
 /// `PUT /v1/nodes/{name}`: an agent registers (or re-registers) itself and its disks.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterNode {
     /// Replica protocol address, `IP:PORT`.
@@ -56,20 +56,20 @@ pub struct RegisterNode {
 }
 
 /// `PUT /v1/nodes/{name}/heartbeat`: liveness plus current disk usage.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     pub disks: Vec<DiskSpec>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeState {
     Up,
     Down,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
     pub name: String,
@@ -86,7 +86,7 @@ pub struct Node {
 
 /// `POST /v1/nodes/{name}/drain`: the node is draining; `volumes` still have replicas on it
 /// (`NAME (N sets)`), empty once it holds nothing.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeDrain {
     pub node: String,
@@ -94,7 +94,7 @@ pub struct NodeDrain {
     pub volumes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
     pub node: String,
@@ -104,7 +104,7 @@ pub struct Disk {
 }
 
 /// `POST /v1/volumes`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: String,
@@ -118,7 +118,7 @@ pub struct CreateVolume {
     pub min_replicas: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Volume {
     pub name: String,
@@ -136,14 +136,14 @@ pub struct Volume {
 }
 
 /// The replicas of one chunk set, in placement order (best first).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkSet {
     pub members: Vec<Member>,
 }
 
 /// One replica of a chunk set. In service = holds every acknowledged write.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
     pub node: String,
@@ -152,7 +152,7 @@ pub struct Member {
 
 /// `POST /v1/volumes/{name}/replicas`: the lease holder changes which replicas are in
 /// service (out: it failed; in: it was resynchronised).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaUpdate {
     /// The caller's lease epoch; must be the current one.
@@ -228,7 +228,7 @@ mod tests {
 
 /// `GET /v1/cluster`: identity of the cluster (agents record it on their disks and refuse a
 /// manager with another one, so a wiped manager can never be mistaken for the old cluster).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterInfo {
     pub cluster_id: String,
@@ -245,7 +245,7 @@ pub struct ClusterInfo {
 }
 
 /// `POST /v1/volumes/{name}/lease`: a gateway asks to become the volume's single writer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     pub node: String,
@@ -253,7 +253,7 @@ pub struct LeaseRequest {
 
 /// The single-writer lease of a volume. Every change of holder bumps `epoch`; replicas refuse
 /// I/O carrying an older epoch, so a gateway that lost the lease can never write again.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Lease {
     pub volume: String,
@@ -269,7 +269,7 @@ pub const VNI_MIN: u32 = 1;
 pub const VNI_MAX: u32 = (1 << 24) - 1;
 
 /// `POST /v1/networks`: a tenant's private L2 network, one VXLAN VNI.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateNetwork {
     /// Same rules as volume names.
@@ -289,7 +289,7 @@ pub struct CreateNetwork {
     pub dns: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Network {
     pub name: String,
@@ -305,7 +305,7 @@ pub struct Network {
     pub created_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PortKind {
     /// vswitch creates a tap device and keeps its fd (optionally moved into a netns).
@@ -315,7 +315,7 @@ pub enum PortKind {
 }
 
 /// `POST /v1/ports`: a VM's (or namespace's) NIC on a network, served by the vswitch of `node`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePort {
     /// Same rules as volume names, at most 15 characters (it names the interface by default).
@@ -349,14 +349,14 @@ pub struct CreatePort {
 
 /// `PUT /v1/ports/{name}/node`: the port moves to another node's vswitch (the old one
 /// removes its interface, the new one creates it); MAC, IP and ifname stay.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MovePort {
     /// A registered vswitch (or blockd) node.
     pub node: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Port {
     pub name: String,
@@ -379,7 +379,7 @@ pub struct Port {
 
 /// Counters of one port as its vswitch counts them. rx = frames the port's interface sent into
 /// the switch (from the VM); tx = frames the switch delivered to it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortStats {
     pub rx_packets: u64,
@@ -396,7 +396,7 @@ pub struct PortStats {
 }
 
 /// `PUT /v1/switches/{node}`: a vswitch registers its VTEP.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterSwitch {
     /// Underlay IPv4 address VXLAN packets are sent to.
@@ -408,7 +408,7 @@ pub struct RegisterSwitch {
 }
 
 /// `PUT /v1/switches/{node}/heartbeat`: liveness plus port counters.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchHeartbeat {
     #[serde(default)]
@@ -420,7 +420,7 @@ pub struct SwitchHeartbeat {
 /// a store commit that wakes netstate watches). `last_heartbeat_ms`: the live value in
 /// `GET /v1/switches`; in `NetState`, the one at the last recorded change (so a netstate is a
 /// pure function of its revision).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Switch {
     pub node: String,
@@ -438,7 +438,7 @@ pub struct Switch {
 /// recorded up or down included) change past N, then answers (or answers unchanged at the
 /// timeout, or at once when the manager shuts down). Heartbeats that change nothing do not
 /// wake it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetState {
     pub revision: u64,
@@ -461,7 +461,19 @@ pub const VIP_DEFAULT_DRAIN_SECS: u32 = 30;
 pub const VIP_MAX_SECS: u32 = 86_400;
 
 /// Transport protocol a VIP serves.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Serialize,
+    Deserialize,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum VipProto {
     Tcp,
@@ -498,7 +510,9 @@ impl std::str::FromStr for VipProto {
 /// Scheduling algorithm of a VIP (lb-vip's `sched::Algo`, defined here so volume-mgr does not
 /// depend on lb-vip). Wire spelling snake_case (`source_hash`); the CLI spells it
 /// `source-hash`. Default `rr`.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum VipAlgo {
     /// Round robin.
@@ -571,7 +585,9 @@ impl std::str::FromStr for VipAlgo {
 }
 
 /// Kind of active health check.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckKind {
     /// A TCP connect that completes within the timeout passes.
@@ -598,7 +614,7 @@ fn default_check_fall() -> u32 {
 /// `fall` consecutive failures and up again after `rise` consecutive successes. In a
 /// `CreateVip` every field but `kind` may be left out; in a `Vip` all are filled (`http_status`
 /// is `Some(200)` by default for `http`, and both http fields are None for `tcp`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub kind: CheckKind,
@@ -638,7 +654,7 @@ impl Default for HealthCheck {
 }
 
 /// `POST /v1/vips`: one address (IP:PORT + protocol) spread over backends.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVip {
     /// Same rules as volume names.
@@ -674,7 +690,9 @@ pub struct CreateVip {
 }
 
 /// State of a backend as the control plane records it (health is the instances' business).
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendState {
     /// Gets new connections (while healthy).
@@ -686,7 +704,7 @@ pub enum BackendState {
 }
 
 /// A backend of a VIP.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     /// Canonical `IP:PORT` (`[v6]:port` for IPv6), unique in the VIP.
@@ -703,7 +721,7 @@ pub struct Backend {
 }
 
 /// `POST /v1/vips/{name}/backends`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddBackend {
     /// `IP:PORT`, port not 0.
@@ -717,7 +735,7 @@ pub struct AddBackend {
 }
 
 /// A VIP as stored, with every default filled in, plus the instances' last reports.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Vip {
     pub name: String,
@@ -752,7 +770,7 @@ pub struct Vip {
 }
 
 /// Counters and health of one backend as one lb-vip instance sees it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendStats {
     /// The backend's `addr` as in `Backend`.
@@ -774,7 +792,7 @@ pub struct BackendStats {
 /// (404 once the VIP is deleted). Kept in memory; a report older than the manager's
 /// `--down-after` (5 s by default) is left out of `Vip::reports`, so an instance reports about
 /// every second.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VipReport {
     /// Whether this instance holds the VIP's address now.
@@ -793,7 +811,7 @@ pub const VIP_LEASE_TTL_MAX_MS: u64 = 60_000;
 /// `VipLease`) when nobody holds it, the holder's lease expired, or `node` is the holder
 /// (a renewal: same epoch, new expiry); otherwise 409 `held` naming the holder and when its
 /// lease expires (or 409 `lease_lost` for a renewal naming an epoch `node` no longer holds).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VipLeaseRequest {
     pub node: String,
@@ -808,7 +826,7 @@ pub struct VipLeaseRequest {
 /// Who may serve a VIP's address. `epoch` grows by one with every new tenure (another node,
 /// or the same node again after its lease expired or was released) and stays on renewals.
 /// Expiry is judged by the manager's clock; a holder stops serving earlier by its own clock.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VipLease {
     pub vip: String,
@@ -830,7 +848,7 @@ impl VipLease {
 /// `PUT /v1/recovery/progress/{node}`: a blockd reports how many bytes its copies
 /// (re-replication and resync) have moved since it started (a counter; a smaller value
 /// than last time means the daemon restarted).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecoveryProgress {
     pub copied_bytes: u64,
@@ -840,7 +858,7 @@ pub struct RecoveryProgress {
 }
 
 /// `GET /v1/recovery`: redundancy and re-replication state of the cluster.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Recovery {
     pub nodes_up: u32,
@@ -876,7 +894,7 @@ pub struct Recovery {
 }
 
 /// The rebalancer's state in `GET /v1/recovery`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rebalance {
     /// False when the manager runs with `--no-rebalance`.
@@ -897,7 +915,7 @@ pub struct Rebalance {
 }
 
 /// One node as `fabctl node ls` shows it (part of `GET /v1/recovery`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeHealth {
     pub name: String,
@@ -918,7 +936,7 @@ pub struct NodeHealth {
     pub capacity: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeRecovery {
     pub name: String,
@@ -939,7 +957,7 @@ pub struct VolumeRecovery {
 pub const BACKUP_FORMAT: &str = "fabric-backup/1";
 
 /// The whole cluster state at one store revision (`GET /v1/backup`, `fabctl backup FILE`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backup {
     /// [`BACKUP_FORMAT`].
@@ -952,7 +970,7 @@ pub struct Backup {
 }
 
 /// One stored object: its kind (`node`, `volume`, `lease`, …), name and value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupObject {
     pub kind: String,
@@ -966,7 +984,7 @@ pub struct BackupObject {
 }
 
 /// What `POST /v1/restore` did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreReport {
     /// Objects written.

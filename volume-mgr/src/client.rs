@@ -33,6 +33,34 @@ impl ClientError {
 pub struct Client {
     urls: Vec<String>,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer …` when set (see [`Client::with_token`]).
+    token: Option<String>,
+    /// Whether idle connections are kept (false for [`Client::new_unpooled`]).
+    pooled: bool,
+}
+
+/// The reqwest client: rustls (ring) for `https://` URLs, trusting the system's roots plus
+/// `ca` (PEM) when given.
+fn http_client(pooled: bool, ca: Option<&[u8]>) -> Result<reqwest::Client, ClientError> {
+    crate::tls::install_provider();
+    let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+    if !pooled {
+        b = b.pool_max_idle_per_host(0);
+    }
+    if let Some(pem) = ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| ClientError::Protocol(format!("CA file: {}", chain(&e))))?;
+        if certs.is_empty() {
+            return Err(ClientError::Protocol(
+                "CA file: no PEM certificate in it".into(),
+            ));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build()
+        .map_err(|e| ClientError::Protocol(format!("HTTP client: {}", chain(&e))))
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -47,19 +75,9 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Client {
-    /// `urls`: one or more `http://host:port` manager addresses.
+    /// `urls`: one or more `http://host:port` (or `https://`) manager addresses.
     pub fn new(urls: Vec<String>) -> Client {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .expect("HTTP client");
-        Client {
-            urls: urls
-                .into_iter()
-                .map(|u| u.trim_end_matches('/').to_string())
-                .collect(),
-            http,
-        }
+        Self::build(urls, true)
     }
 
     /// Like [`new`](Self::new), but every request goes on a fresh connection (none is kept
@@ -68,18 +86,52 @@ impl Client {
     /// from that connection's send queue (TCP retransmits it after the close); on a fresh
     /// connection the request is only sent once the handshake completed.
     pub fn new_unpooled(urls: Vec<String>) -> Client {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .pool_max_idle_per_host(0)
-            .build()
-            .expect("HTTP client");
+        Self::build(urls, false)
+    }
+
+    fn build(urls: Vec<String>, pooled: bool) -> Client {
         Client {
             urls: urls
                 .into_iter()
                 .map(|u| u.trim_end_matches('/').to_string())
                 .collect(),
-            http,
+            http: http_client(pooled, None).expect("HTTP client"),
+            token: None,
+            pooled,
         }
+    }
+
+    /// Sends `token` as a bearer token with every request (None: no `Authorization`).
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    /// Trusts the PEM certificate(s) in `pem` (a self-signed manager certificate or a private
+    /// CA) for `https://` URLs, besides the system's roots.
+    pub fn with_ca_pem(mut self, pem: &[u8]) -> Result<Client, ClientError> {
+        self.http = http_client(self.pooled, Some(pem))?;
+        Ok(self)
+    }
+
+    /// An agent's settings: `token` (its `--manager-token`) and `ca` (its `--manager-ca`).
+    pub fn with_auth(
+        self,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client, ClientError> {
+        let c = self.with_token(token);
+        match ca {
+            Some(p) => c.with_ca_file(p),
+            None => Ok(c),
+        }
+    }
+
+    /// [`with_ca_pem`](Self::with_ca_pem) with the contents of `path`.
+    pub fn with_ca_file(self, path: &std::path::Path) -> Result<Client, ClientError> {
+        let pem = std::fs::read(path)
+            .map_err(|e| ClientError::Protocol(format!("CA file {}: {e}", path.display())))?;
+        self.with_ca_pem(&pem)
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(
@@ -98,6 +150,9 @@ impl Client {
                 .http
                 .request(method.clone(), format!("{url}{path}"))
                 .timeout(timeout);
+            if let Some(t) = &self.token {
+                rq = rq.bearer_auth(t);
+            }
             if let Some(b) = body {
                 rq = rq.json(b);
             }

@@ -52,6 +52,16 @@ struct Args {
     /// Never move chunk sets to added nodes or disks (drains and re-replication still run)
     #[arg(long)]
     no_rebalance: bool,
+    /// TOML file of bearer tokens (`[[tokens]] token = "…" role = "admin"|"read-only"`), added to
+    /// the config's `[[tokens]]`. No token anywhere: the API is open [default]
+    #[arg(long)]
+    tokens_file: Option<PathBuf>,
+    /// PEM certificate (chain) to serve HTTPS with (with --tls-key)
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -70,6 +80,11 @@ struct File {
     full_ratio: Option<f64>,
     rebalance: Option<bool>,
     rebalance_after: Option<String>,
+    #[serde(default)]
+    tokens: Vec<volume_mgr::auth::Token>,
+    tokens_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 fn config(a: Args) -> Result<Config, String> {
@@ -93,6 +108,15 @@ fn config(a: Args) -> Result<Config, String> {
         }
         None => File::default(),
     };
+    let mut tokens = f.tokens;
+    if let Some(p) = a.tokens_file.or(f.tokens_file) {
+        tokens.extend(volume_mgr::auth::load_tokens_file(&p)?);
+    }
+    volume_mgr::auth::validate(&tokens)?;
+    let (tls_cert, tls_key) = (a.tls_cert.or(f.tls_cert), a.tls_key.or(f.tls_key));
+    if tls_cert.is_some() != tls_key.is_some() {
+        return Err("--tls-cert and --tls-key go together".into());
+    }
     let d = Config::default();
     let store = a.store.or(f.store).unwrap_or_else(|| d.store.clone());
     let etcd_endpoints: Vec<String> = a
@@ -184,6 +208,9 @@ fn config(a: Args) -> Result<Config, String> {
                 .map_err(|e| format!("rebalance-after: {e}"))?,
             None => d.rebalance_after,
         },
+        tokens,
+        tls_cert,
+        tls_key,
     })
 }
 
@@ -360,5 +387,49 @@ mod tests {
         assert!(e(&["--data-dir", "/d", "--default-replicas", "0"]).contains("1..=16"));
         assert!(e(&["--data-dir", "/d", "--default-replicas", "17"]).contains("1..=16"));
         assert!(e(&["--config", "/nonexistent/m.toml"]).contains("/nonexistent/m.toml"));
+        assert!(e(&["--data-dir", "/d", "--tls-cert", "/c.pem"]).contains("go together"));
+        assert!(
+            e(&["--data-dir", "/d", "--tokens-file", "/nonexistent/t.toml"])
+                .contains("/nonexistent/t.toml")
+        );
+    }
+
+    #[test]
+    fn tokens_from_config_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.toml");
+        let t = dir.path().join("t.toml");
+        std::fs::write(
+            &f,
+            "data-dir = \"/d\"\n[[tokens]]\ntoken = \"admin-token-0123456789\"\nrole = \"admin\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &t,
+            "[[tokens]]\ntoken = \"reader-token-0123456789\"\nrole = \"read-only\"\n",
+        )
+        .unwrap();
+        let c = cfg(&["--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!(c.tokens.len(), 1);
+        let c = cfg(&[
+            "--config",
+            f.to_str().unwrap(),
+            "--tokens-file",
+            t.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.tokens.iter().map(|t| t.role).collect::<Vec<_>>(),
+            [
+                volume_mgr::auth::Role::Admin,
+                volume_mgr::auth::Role::ReadOnly
+            ]
+        );
+        std::fs::write(&t, "[[tokens]]\ntoken = \"x\"\nrole = \"root\"\n").unwrap();
+        let e = cfg(&["--data-dir", "/d", "--tokens-file", t.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("t.toml") && e.contains("unknown variant"), "{e}");
+        std::fs::write(&t, "[[tokens]]\ntoken = \"short\"\nrole = \"admin\"\n").unwrap();
+        let e = cfg(&["--data-dir", "/d", "--tokens-file", t.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("16 to 512"), "{e}");
     }
 }

@@ -34,10 +34,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-mod backup;
+pub(crate) mod backup;
 mod cluster;
-mod network;
-mod vip;
+pub(crate) mod network;
+pub(crate) mod vip;
 
 /// Largest volume: 1 PiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
@@ -80,6 +80,14 @@ pub struct Config {
     /// A node must be up this long before the rebalancer moves data to it.
     #[serde(with = "crate::humantime_serde", default = "default_rebalance_after")]
     pub rebalance_after: Duration,
+    /// Bearer tokens; none: the API is open (see [`crate::auth`]).
+    #[serde(default)]
+    pub tokens: Vec<crate::auth::Token>,
+    /// PEM certificate chain and private key: serve HTTPS (rustls) instead of HTTP.
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 fn default_store() -> String {
@@ -127,6 +135,9 @@ impl Default for Config {
             advertise_url: None,
             rebalance: default_rebalance(),
             rebalance_after: default_rebalance_after(),
+            tokens: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -323,6 +334,7 @@ fn validate_addr(what: &str, a: &str, allow_empty: bool) -> ApiResult<()> {
     }
 }
 
+#[utoipa::path(put, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path, description = "Node name")), request_body = api::RegisterNode, responses((status = 200, body = api::Node, description = "Registered (or re-registered)")))]
 async fn register(
     State(app): State<AppState>,
     Name(name): Name,
@@ -388,6 +400,7 @@ async fn register(
     Ok(Json(node))
 }
 
+#[utoipa::path(put, path = "/v1/nodes/{name}/heartbeat", tag = "nodes", params(("name" = String, Path, description = "Node name")), request_body = api::Heartbeat, responses((status = 204, description = "Recorded"), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn heartbeat(
     State(app): State<AppState>,
     Name(name): Name,
@@ -416,6 +429,7 @@ pub(crate) fn with_liveness(app: &App, mut n: api::Node) -> api::Node {
     n
 }
 
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes", responses((status = 200, body = api::List<api::Node>)))]
 async fn list_nodes(State(app): State<AppState>) -> ApiResult<Json<api::List<api::Node>>> {
     let (revision, items) = app.store.list(Kind::Node)?;
     let items = items
@@ -425,6 +439,7 @@ async fn list_nodes(State(app): State<AppState>) -> ApiResult<Json<api::List<api
     Ok(Json(api::List { revision, items }))
 }
 
+#[utoipa::path(get, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path, description = "Node name")), responses((status = 200, body = api::Node), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn get_node(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Node>> {
     let b = app
         .store
@@ -451,11 +466,13 @@ pub(crate) fn disks(app: &App) -> ApiResult<(u64, Vec<api::Disk>)> {
     Ok((revision, out))
 }
 
+#[utoipa::path(get, path = "/v1/disks", tag = "nodes", responses((status = 200, body = api::List<api::Disk>)))]
 async fn list_disks(State(app): State<AppState>) -> ApiResult<Json<api::List<api::Disk>>> {
     let (revision, items) = disks(&app)?;
     Ok(Json(api::List { revision, items }))
 }
 
+#[utoipa::path(post, path = "/v1/volumes", tag = "volumes", request_body = api::CreateVolume, responses((status = 201, body = api::Volume, description = "Created"), (status = 409, body = api::ApiError, description = "already_exists, or conflict (a concurrent change; retry)"), (status = 507, body = api::ApiError, description = "no_capacity")))]
 async fn create_volume(
     State(app): State<AppState>,
     Body(req): Body<api::CreateVolume>,
@@ -655,6 +672,7 @@ fn volumes_on(app: &App, node: &str) -> ApiResult<Vec<String>> {
 /// `POST /v1/nodes/{name}/drain`: marks the node draining (durably). Placement skips it and
 /// the recovery controller moves every replica it holds to other nodes, keeping its copy in
 /// service until the new one is. Answers what is left to move.
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", tag = "nodes", params(("name" = String, Path, description = "Node name")), responses((status = 200, body = api::NodeDrain), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn drain_node(
     State(app): State<AppState>,
     Name(name): Name,
@@ -677,6 +695,7 @@ async fn drain_node(
 
 /// `DELETE /v1/nodes/{name}`: removes the node's record (and its disks and drain mark).
 /// Refused (409 `node_in_use`, naming the volumes) while any chunk set lists the node.
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path, description = "Node name")), responses((status = 204, description = "Removed"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "node_in_use: the node still holds replicas")))]
 async fn remove_node(State(app): State<AppState>, Name(name): Name) -> ApiResult<StatusCode> {
     let _g = app.mutate.lock().await;
     let Some(cur) = app.store.get(Kind::Node, &name)? else {
@@ -754,6 +773,7 @@ pub(crate) fn placement_candidates(
 /// The lease holder records a replica in or out of service (durably, before it acts on it).
 /// The last in-service replica of a set is never recorded out: it is the only copy known to
 /// hold every acknowledged write.
+#[utoipa::path(post, path = "/v1/volumes/{name}/replicas", tag = "volumes", params(("name" = String, Path, description = "Volume name")), request_body = api::ReplicaUpdate, responses((status = 200, body = api::Volume), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "stale_lease, or conflict (a concurrent change; retry)")))]
 async fn update_replicas(
     State(app): State<AppState>,
     Name(name): Name,
@@ -848,6 +868,7 @@ async fn update_replicas(
     Ok(Json(vol))
 }
 
+#[utoipa::path(get, path = "/v1/leases", tag = "volumes", responses((status = 200, body = api::List<api::Lease>)))]
 async fn list_leases(State(app): State<AppState>) -> ApiResult<Json<api::List<api::Lease>>> {
     let (revision, items) = app.store.list(Kind::Lease)?;
     let items = items
@@ -864,6 +885,7 @@ struct WatchQuery {
     timeout_ms: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes", params(("after_revision" = Option<u64>, Query, description = "Long-poll: answer once the revision is past this"), ("timeout_ms" = Option<u64>, Query, description = "Long-poll limit, default 30000, at most 60000")), responses((status = 200, body = api::List<api::Volume>)))]
 async fn list_volumes(
     State(app): State<AppState>,
     q: Result<Query<WatchQuery>, axum::extract::rejection::QueryRejection>,
@@ -886,6 +908,7 @@ async fn list_volumes(
     Ok(Json(api::List { revision, items }))
 }
 
+#[utoipa::path(get, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path, description = "Volume name")), responses((status = 200, body = api::Volume), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn get_volume(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Volume>> {
     let b = app
         .store
@@ -894,6 +917,7 @@ async fn get_volume(State(app): State<AppState>, Name(name): Name) -> ApiResult<
     Ok(Json(decode(&b)?))
 }
 
+#[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path, description = "Volume name")), responses((status = 204, description = "Deleted (with its lease)"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 async fn delete_volume(State(app): State<AppState>, Name(name): Name) -> ApiResult<StatusCode> {
     let _g = app.mutate.lock().await;
     let cur = app
@@ -917,6 +941,7 @@ async fn delete_volume(State(app): State<AppState>, Name(name): Name) -> ApiResu
 /// Grants the volume's writer lease to `node`. The holder re-asking keeps its epoch (a
 /// re-attach); any other node takes the lease over with the next epoch (migration, failover).
 /// The new epoch is durable before it is returned, so no two holders ever share an epoch.
+#[utoipa::path(post, path = "/v1/volumes/{name}/lease", tag = "volumes", params(("name" = String, Path, description = "Volume name")), request_body = api::LeaseRequest, responses((status = 200, body = api::Lease), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 async fn acquire_lease(
     State(app): State<AppState>,
     Name(name): Name,
@@ -948,6 +973,7 @@ async fn acquire_lease(
     Ok(Json(lease))
 }
 
+#[utoipa::path(get, path = "/v1/volumes/{name}/lease", tag = "volumes", params(("name" = String, Path, description = "Volume name")), responses((status = 200, body = api::Lease), (status = 404, body = api::ApiError, description = "not_found")))]
 async fn get_lease(State(app): State<AppState>, Name(name): Name) -> ApiResult<Json<api::Lease>> {
     let b = app
         .store
@@ -956,6 +982,7 @@ async fn get_lease(State(app): State<AppState>, Name(name): Name) -> ApiResult<J
     Ok(Json(decode(&b)?))
 }
 
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = api::ClusterInfo)))]
 async fn cluster(State(app): State<AppState>) -> ApiResult<Json<api::ClusterInfo>> {
     Ok(Json(api::ClusterInfo {
         // From the store: a restore (or another manager) may have set it since start-up.
@@ -970,6 +997,7 @@ async fn cluster(State(app): State<AppState>) -> ApiResult<Json<api::ClusterInfo
     }))
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "cluster", responses((status = 200, content_type = "text/plain", body = String, description = "Prometheus text format")))]
 async fn metrics(State(app): State<AppState>) -> Response {
     let mut out = String::new();
     app.metrics.render(&mut out);
@@ -1099,6 +1127,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/restore",
             post(backup::restore).layer(axum::extract::DefaultBodyLimit::max(1 << 30)),
         )
+        .route("/v1/openapi.json", get(crate::openapi::openapi_json))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async { Error(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
@@ -1109,6 +1138,10 @@ pub fn router(app: Arc<App>) -> Router {
                 "method not allowed on this route".into(),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(app.cfg.tokens.clone()),
+            crate::auth::check,
+        ))
         .layer(axum::middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
 }
@@ -1216,17 +1249,23 @@ fn new_cluster_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Opens the state under `cfg.data_dir` and serves the API on `listener` until `shutdown`
-/// resolves; then stops accepting, answers pending long-polls at once, lets in-flight requests
-/// finish and returns. Every acknowledged change is already durable, so there is nothing
-/// to flush.
+/// Opens the state under `cfg.data_dir` and serves the API on `listener` (HTTPS when
+/// `tls_cert` and `tls_key` are set) until `shutdown` resolves; then stops accepting, answers
+/// pending long-polls at once, lets in-flight requests finish and returns. Every acknowledged
+/// change is already durable, so there is nothing to flush.
 pub async fn serve(
     cfg: Config,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    crate::auth::validate(&cfg.tokens)?;
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => Some(crate::tls::server_config(c, k).await?),
+        (None, None) => None,
+        _ => return Err("tls-cert and tls-key go together".into()),
+    };
     let app = open(cfg)?;
-    tracing::info!(addr = ?listener.local_addr().ok(), cluster_id = %app.cluster_id, "volume-mgr serving");
+    tracing::info!(addr = ?listener.local_addr().ok(), cluster_id = %app.cluster_id, tls = tls.is_some(), auth = !app.cfg.tokens.is_empty(), "volume-mgr serving");
     let stopping = app.clone();
     tokio::spawn(network::switch_liveness(app.clone()));
     tokio::spawn(crate::recovery::controller(app.clone()));
@@ -1234,14 +1273,31 @@ pub async fn serve(
     if app.cfg.store != "embedded" {
         tokio::spawn(cluster::share_liveness(app.clone()));
     }
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("volume-mgr shutting down");
-            stopping.stopping.send_replace(true);
-        })
-        .await
-        .map_err(|e| e.to_string())
+    let stop = async move {
+        shutdown.await;
+        tracing::info!("volume-mgr shutting down");
+        stopping.stopping.send_replace(true);
+    };
+    match tls {
+        None => axum::serve(listener, router(app))
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(|e| e.to_string()),
+        Some(tls) => {
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                stop.await;
+                h.graceful_shutdown(None);
+            });
+            let std_listener = listener.into_std().map_err(|e| e.to_string())?;
+            axum_server::from_tcp_rustls(std_listener, tls)
+                .handle(handle)
+                .serve(router(app).into_make_service())
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ use std::time::Duration;
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub manager: Option<String>,
+    pub manager_token: Option<String>,
+    pub manager_ca: Option<std::path::PathBuf>,
     pub node: Option<String>,
     pub underlay_ip: Option<String>,
     pub vxlan_port: Option<u16>,
@@ -22,6 +24,10 @@ pub struct FileConfig {
 pub struct Config {
     /// volume-mgr URLs (tried in order).
     pub manager: Vec<String>,
+    /// Bearer token sent to volume-mgr.
+    pub manager_token: Option<String>,
+    /// PEM CA certificate trusted for an https:// volume-mgr.
+    pub manager_ca: Option<std::path::PathBuf>,
     pub node: String,
     /// This host's underlay address: VXLAN packets are sent from and to it.
     pub underlay_ip: Ipv4Addr,
@@ -45,6 +51,8 @@ impl FileConfig {
     pub fn overlay(self, flags: FileConfig) -> FileConfig {
         FileConfig {
             manager: flags.manager.or(self.manager),
+            manager_token: flags.manager_token.or(self.manager_token),
+            manager_ca: flags.manager_ca.or(self.manager_ca),
             node: flags.node.or(self.node),
             underlay_ip: flags.underlay_ip.or(self.underlay_ip),
             vxlan_port: flags.vxlan_port.or(self.vxlan_port),
@@ -124,7 +132,14 @@ impl FileConfig {
         {
             return Err(format!("manager: {bad:?} is not a URL (http://HOST:PORT)"));
         }
+        if let Some(t) = &self.manager_token {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err("manager-token: visible ASCII characters only, not empty".into());
+            }
+        }
         Ok(Config {
+            manager_token: self.manager_token,
+            manager_ca: self.manager_ca,
             manager,
             node,
             underlay_ip,

@@ -169,7 +169,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
         underlay_tx_errors: AtomicU64::new(0),
         revision: AtomicU64::new(0),
     });
-    let client = Client::new(cfg.manager.clone());
+    let client = Client::new(cfg.manager.clone())
+        .with_auth(cfg.manager_token.clone(), cfg.manager_ca.as_deref())?;
     let reg = api::RegisterSwitch {
         underlay_ip: cfg.underlay_ip.to_string(),
         vxlan_port: cfg.vxlan_port,

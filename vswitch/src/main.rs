@@ -14,6 +14,12 @@ struct Args {
     /// volume-mgr URL(s), comma-separated [default: http://127.0.0.1:7700]
     #[arg(long)]
     manager: Option<String>,
+    /// Bearer token for volume-mgr when it has tokens configured (an admin token: agents write)
+    #[arg(long)]
+    manager_token: Option<String>,
+    /// PEM CA certificate to trust for an https:// volume-mgr (e.g. its self-signed certificate)
+    #[arg(long)]
+    manager_ca: Option<PathBuf>,
     /// Node name [default: the host name]
     #[arg(long)]
     node: Option<String>,
@@ -51,6 +57,8 @@ fn main() -> std::process::ExitCode {
     };
     let flags = FileConfig {
         manager: args.manager,
+        manager_token: args.manager_token,
+        manager_ca: args.manager_ca,
         node: args.node,
         underlay_ip: args.underlay_ip,
         vxlan_port: args.vxlan_port,

@@ -91,7 +91,10 @@ fn object(kind: Kind, name: String, v: Vec<u8>) -> api::BackupObject {
 
 /// `GET /v1/backup`: every object at one revision (read again if a change lands between the
 /// reads of two kinds).
-pub(super) async fn backup(State(app): State<AppState>) -> ApiResult<Json<api::Backup>> {
+#[utoipa::path(get, path = "/v1/backup", tag = "cluster",
+    responses((status = 200, body = api::Backup, description = "Every stored object at one revision"),
+        (status = 409, body = api::ApiError, description = "conflict: the state kept changing; retry")))]
+pub(crate) async fn backup(State(app): State<AppState>) -> ApiResult<Json<api::Backup>> {
     let _g = app.mutate.lock().await;
     for _ in 0..10 {
         let rev = app.store.revision()?;
@@ -122,9 +125,10 @@ pub(super) async fn backup(State(app): State<AppState>) -> ApiResult<Json<api::B
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RestoreQuery {
+pub(crate) struct RestoreQuery {
+    /// Replace the cluster's current state (objects not in the backup are deleted).
     #[serde(default)]
     force: bool,
 }
@@ -166,7 +170,11 @@ fn value_bytes(kind: Kind, o: &api::BackupObject) -> ApiResult<Vec<u8>> {
 }
 
 /// `POST /v1/restore[?force=true]`: writes a backup into this cluster (see the module docs).
-pub(super) async fn restore(
+#[utoipa::path(post, path = "/v1/restore", tag = "cluster", params(RestoreQuery),
+    request_body = api::Backup,
+    responses((status = 200, body = api::RestoreReport, description = "Restored"),
+        (status = 409, body = api::ApiError, description = "not_empty: the cluster has volumes, networks, ports or VIPs (use force)")))]
+pub(crate) async fn restore(
     State(app): State<AppState>,
     Query(q): Query<RestoreQuery>,
     Body(b): Body<api::Backup>,

@@ -15,7 +15,7 @@ use super::{encode, now_ms, App, Live};
 use crate::api;
 use crate::store::{Change, Kind, Op, StoreError};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,12 +30,26 @@ struct Published {
     switches: BTreeMap<String, u64>,
 }
 
-/// Which long-polls a change wakes: (volumes, net state, VIPs).
-fn wakes(c: &Change) -> (bool, bool, bool) {
+/// Which long-polls a change wakes: (volumes, net state, VIPs). A VIP lease wakes VIP
+/// watches only when a new tenure starts (its epoch moves), not on renewals, as for local
+/// commits; `epochs` remembers the last epoch seen per VIP.
+fn wakes(c: &Change, epochs: &mut HashMap<String, u64>) -> (bool, bool, bool) {
     match c.kind {
         Kind::Volume => (true, false, false),
         Kind::Network | Kind::Port | Kind::Switch => (false, true, false),
-        Kind::Vip | Kind::VipLease => (false, false, true),
+        Kind::Vip => (false, false, true),
+        Kind::VipLease => {
+            let epoch = c
+                .value
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<api::VipLease>(b).ok())
+                .map(|l| l.epoch);
+            let changed = match epoch {
+                Some(e) => epochs.insert(c.name.clone(), e) != Some(e),
+                None => epochs.remove(&c.name).is_some(),
+            };
+            (false, false, changed)
+        }
         _ => (false, false, false),
     }
 }
@@ -56,6 +70,14 @@ pub(crate) async fn follow_store(app: Arc<App>) {
     let mut rx = app.store.subscribe();
     let mut stop = app.stopping.subscribe();
     let mut seen = app.store.revision().unwrap_or(0);
+    let mut epochs = HashMap::new();
+    if let Ok((_, items)) = app.store.list(Kind::VipLease) {
+        for (n, b) in items {
+            if let Ok(l) = serde_json::from_slice::<api::VipLease>(&b) {
+                epochs.insert(n, l.epoch);
+            }
+        }
+    }
     loop {
         let closed = tokio::select! {
             r = rx.recv() => matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)),
@@ -76,7 +98,7 @@ pub(crate) async fn follow_store(app: Arc<App>) {
                     };
                     let (mut v, mut n, mut p) = (false, false, false);
                     for c in &changes {
-                        let (a, b, d) = wakes(c);
+                        let (a, b, d) = wakes(c, &mut epochs);
                         v |= a;
                         n |= b;
                         p |= d;

@@ -97,6 +97,7 @@ fn stored_subnet(n: &api::Network) -> ApiResult<Subnet> {
 
 // ---- networks ------------------------------------------------------------------------------
 
+#[utoipa::path(post, path = "/v1/networks", tag = "networks", request_body = api::CreateNetwork, responses((status = 201, body = api::Network, description = "Created"), (status = 409, body = api::ApiError, description = "already_exists, in_use (the VNI) or conflict")))]
 pub(super) async fn create_network(
     State(app): State<AppState>,
     Body(req): Body<api::CreateNetwork>,
@@ -128,6 +129,7 @@ pub(super) async fn create_network(
     Ok((StatusCode::CREATED, Json(n)))
 }
 
+#[utoipa::path(get, path = "/v1/networks", tag = "networks", responses((status = 200, body = api::List<api::Network>)))]
 pub(super) async fn list_networks(
     State(app): State<AppState>,
 ) -> ApiResult<Json<api::List<api::Network>>> {
@@ -139,6 +141,7 @@ pub(super) async fn list_networks(
     Ok(Json(api::List { revision, items }))
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path, description = "Network name")), responses((status = 200, body = api::Network), (status = 404, body = api::ApiError, description = "not_found")))]
 pub(super) async fn get_network(
     State(app): State<AppState>,
     Name(name): Name,
@@ -171,6 +174,7 @@ fn vips_on(app: &App, name: &str) -> ApiResult<Vec<(String, Option<Ipv4Addr>)>> 
 }
 
 /// Refused (409 `in_use`, naming them) while the network has ports or VIPs.
+#[utoipa::path(delete, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path, description = "Network name")), responses((status = 204, description = "Deleted"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "in_use (the network has ports or VIPs) or conflict")))]
 pub(super) async fn delete_network(
     State(app): State<AppState>,
     Name(name): Name,
@@ -272,6 +276,7 @@ fn check_node_known(app: &App, node: &str) -> ApiResult<()> {
     }))
 }
 
+#[utoipa::path(post, path = "/v1/ports", tag = "ports", request_body = api::CreatePort, responses((status = 201, body = api::Port, description = "Created"), (status = 409, body = api::ApiError, description = "already_exists, in_use (MAC, IP, interface name, VIP) or conflict"), (status = 507, body = api::ApiError, description = "no_capacity: the subnet has no free address")))]
 pub(super) async fn create_port(
     State(app): State<AppState>,
     Body(req): Body<api::CreatePort>,
@@ -456,6 +461,7 @@ pub(super) struct PortQuery {
 }
 
 /// `GET /v1/ports[?network=NET][&node=NODE]`, with the last reported counters.
+#[utoipa::path(get, path = "/v1/ports", tag = "ports", params(("network" = Option<String>, Query, description = "Only ports on this network"), ("node" = Option<String>, Query, description = "Only ports on this node")), responses((status = 200, body = api::List<api::Port>)))]
 pub(super) async fn list_ports(
     State(app): State<AppState>,
     q: Result<Query<PortQuery>, QueryRejection>,
@@ -478,6 +484,7 @@ pub(super) async fn list_ports(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/ports/{name}", tag = "ports", params(("name" = String, Path, description = "Port name")), responses((status = 200, body = api::Port), (status = 404, body = api::ApiError, description = "not_found")))]
 pub(super) async fn get_port(
     State(app): State<AppState>,
     Name(name): Name,
@@ -527,6 +534,7 @@ fn port_delete_ops(
     Ok(())
 }
 
+#[utoipa::path(delete, path = "/v1/ports/{name}", tag = "ports", params(("name" = String, Path, description = "Port name")), responses((status = 204, description = "Deleted"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 pub(super) async fn delete_port(
     State(app): State<AppState>,
     Name(name): Name,
@@ -571,6 +579,7 @@ pub(super) fn vip_port_delete(
 /// `PUT /v1/ports/{name}/node`: the port moves to another node (its interface name must be
 /// free there); MAC, IP, ifname and netns stay, so the old node's vswitch removes the
 /// interface and the new one's creates it. Moving it to its own node changes nothing.
+#[utoipa::path(put, path = "/v1/ports/{name}/node", tag = "ports", params(("name" = String, Path, description = "Port name")), request_body = api::MovePort, responses((status = 200, body = api::Port), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "in_use (the interface name on the new node) or conflict")))]
 pub(super) async fn move_port(
     State(app): State<AppState>,
     Name(name): Name,
@@ -622,6 +631,7 @@ pub(super) async fn move_port(
 
 /// A vswitch registers (or re-registers) its VTEP. A re-registration that changes nothing
 /// (same address, port and MTU, recorded up) is not a write and wakes no watch.
+#[utoipa::path(put, path = "/v1/switches/{name}", tag = "switches", params(("name" = String, Path, description = "Node name of the vswitch")), request_body = api::RegisterSwitch, responses((status = 200, body = api::Switch), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 pub(super) async fn register_switch(
     State(app): State<AppState>,
     Name(node): Name,
@@ -679,6 +689,7 @@ pub(super) async fn register_switch(
 
 /// Liveness plus port counters, in memory only. A switch recorded down is recorded up by the
 /// liveness task, woken here.
+#[utoipa::path(put, path = "/v1/switches/{name}/heartbeat", tag = "switches", params(("name" = String, Path, description = "Node name of the vswitch")), request_body = api::SwitchHeartbeat, responses((status = 204, description = "Recorded"), (status = 404, body = api::ApiError, description = "not_found")))]
 pub(super) async fn switch_heartbeat(
     State(app): State<AppState>,
     Name(node): Name,
@@ -703,6 +714,7 @@ pub(super) async fn switch_heartbeat(
 }
 
 /// Registered switches with their recorded state and their last heartbeat.
+#[utoipa::path(get, path = "/v1/switches", tag = "switches", responses((status = 200, body = api::List<api::Switch>)))]
 pub(super) async fn list_switches(
     State(app): State<AppState>,
 ) -> ApiResult<Json<api::List<api::Switch>>> {
@@ -794,6 +806,7 @@ async fn record_switch_states(app: &App) -> ApiResult<()> {
 /// `GET /v1/netstate[?after_revision=N&timeout_ms=T]`: networks, ports (without counters) and
 /// switches (as recorded) at one store revision. With `after_revision`, waits until a change
 /// to any of them is past N (or `timeout_ms`, default 30 s, at most 60 s; or shutdown).
+#[utoipa::path(get, path = "/v1/netstate", tag = "switches", params(("after_revision" = Option<u64>, Query, description = "Long-poll: answer once the revision is past this"), ("timeout_ms" = Option<u64>, Query, description = "Long-poll limit, default 30000, at most 60000")), responses((status = 200, body = api::NetState)))]
 pub(super) async fn net_state(
     State(app): State<AppState>,
     q: Result<Query<WatchQuery>, QueryRejection>,

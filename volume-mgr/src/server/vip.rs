@@ -123,6 +123,7 @@ fn store_vip(app: &App, cur: Vec<u8>, v: &api::Vip) -> ApiResult<()> {
     Ok(())
 }
 
+#[utoipa::path(post, path = "/v1/vips", tag = "vips", request_body = api::CreateVip, responses((status = 201, body = api::Vip, description = "Created"), (status = 409, body = api::ApiError, description = "already_exists, in_use (the address) or conflict")))]
 pub(super) async fn create_vip(
     State(app): State<AppState>,
     Body(req): Body<api::CreateVip>,
@@ -219,6 +220,7 @@ fn vips(app: &App) -> ApiResult<(u64, Vec<api::Vip>)> {
 /// `GET /v1/vips[?after_revision=N&timeout_ms=T]`: every VIP with its fresh reports. With
 /// `after_revision`, waits until a VIP or backend change is past N (or `timeout_ms`, default
 /// 30 s, at most 60 s; or shutdown). Reports do not wake it.
+#[utoipa::path(get, path = "/v1/vips", tag = "vips", params(("after_revision" = Option<u64>, Query, description = "Long-poll: answer once the revision is past this"), ("timeout_ms" = Option<u64>, Query, description = "Long-poll limit, default 30000, at most 60000")), responses((status = 200, body = api::List<api::Vip>)))]
 pub(super) async fn list_vips(
     State(app): State<AppState>,
     q: Result<Query<WatchQuery>, QueryRejection>,
@@ -237,6 +239,7 @@ pub(super) async fn list_vips(
     Ok(Json(api::List { revision, items }))
 }
 
+#[utoipa::path(get, path = "/v1/vips/{name}", tag = "vips", params(("name" = String, Path, description = "VIP name")), responses((status = 200, body = api::Vip), (status = 404, body = api::ApiError, description = "not_found")))]
 pub(super) async fn get_vip(
     State(app): State<AppState>,
     Name(name): Name,
@@ -245,6 +248,7 @@ pub(super) async fn get_vip(
     Ok(Json(with_reports(&app, v)))
 }
 
+#[utoipa::path(delete, path = "/v1/vips/{name}", tag = "vips", params(("name" = String, Path, description = "VIP name")), responses((status = 204, description = "Deleted (with its port, if any)"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 pub(super) async fn delete_vip(
     State(app): State<AppState>,
     Name(name): Name,
@@ -281,6 +285,7 @@ fn state_name(s: api::BackendState) -> &'static str {
 
 /// `POST /v1/vips/{name}/backends`: 201 with the VIP; 409 `already_exists` if the VIP has the
 /// backend (whatever its state).
+#[utoipa::path(post, path = "/v1/vips/{name}/backends", tag = "vips", params(("name" = String, Path, description = "VIP name")), request_body = api::AddBackend, responses((status = 201, body = api::Vip, description = "Added"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "already_exists or conflict")))]
 pub(super) async fn add_backend(
     State(app): State<AppState>,
     Name(name): Name,
@@ -321,6 +326,7 @@ fn backend_not_found(addr: SocketAddr, vip: &str) -> Error {
 
 /// `DELETE /v1/vips/{name}/backends/{addr}`: 200 with the VIP. The instances close the
 /// backend's established connections `drain_secs` after they see it gone.
+#[utoipa::path(delete, path = "/v1/vips/{name}/backends/{addr}", tag = "vips", params(("name" = String, Path, description = "VIP name"), ("addr" = String, Path, description = "Backend IP:PORT")), responses((status = 200, body = api::Vip), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 pub(super) async fn remove_backend(
     State(app): State<AppState>,
     Name2(name, addr): Name2,
@@ -337,6 +343,7 @@ pub(super) async fn remove_backend(
 
 /// `POST /v1/vips/{name}/backends/{addr}/drain`: 200 with the VIP; a backend already draining
 /// keeps its start time (no write, no watch woken).
+#[utoipa::path(post, path = "/v1/vips/{name}/backends/{addr}/drain", tag = "vips", params(("name" = String, Path, description = "VIP name"), ("addr" = String, Path, description = "Backend IP:PORT")), responses((status = 200, body = api::Vip), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "conflict: a concurrent change; retry")))]
 pub(super) async fn drain_backend(
     State(app): State<AppState>,
     Name2(name, addr): Name2,
@@ -354,6 +361,7 @@ pub(super) async fn drain_backend(
 
 /// `PUT /v1/vips/{name}/status/{node}`: memory only; 404 for an unknown VIP (so an instance
 /// learns it was deleted).
+#[utoipa::path(put, path = "/v1/vips/{name}/status/{node}", tag = "vips", params(("name" = String, Path, description = "VIP name"), ("node" = String, Path, description = "Node of the reporting lb-vip")), request_body = api::VipReport, responses((status = 204, description = "Recorded"), (status = 404, body = api::ApiError, description = "not_found")))]
 pub(super) async fn report(
     State(app): State<AppState>,
     Name2(name, node): Name2,
@@ -379,6 +387,7 @@ pub(super) async fn report(
 /// unknown VIP; 400 for a bad node name or a ttl outside 500..=60000 ms. Stored durably under
 /// compare-and-swap on the lease and the VIP record. Only a new tenure wakes VIP watches
 /// (renewals do not).
+#[utoipa::path(post, path = "/v1/vips/{name}/lease", tag = "vips", operation_id = "acquire_vip_lease", params(("name" = String, Path, description = "VIP name")), request_body = api::VipLeaseRequest, responses((status = 200, body = api::VipLease), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "held (another node holds it), lease_lost or conflict")))]
 pub(super) async fn acquire_lease(
     State(app): State<AppState>,
     Name(name): Name,
@@ -422,6 +431,7 @@ pub(super) struct NodeQuery {
 
 /// `DELETE /v1/vips/{name}/lease?node=N`: 204 when `node` held the lease (it ends now, the
 /// epoch stays) or nobody holds it; 409 `held` when another node does; 404 for an unknown VIP.
+#[utoipa::path(delete, path = "/v1/vips/{name}/lease", tag = "vips", operation_id = "release_vip_lease", params(("name" = String, Path, description = "VIP name"), ("node" = String, Query, description = "The releasing node")), responses((status = 204, description = "Released (or nobody held it)"), (status = 404, body = api::ApiError, description = "not_found"), (status = 409, body = api::ApiError, description = "held: another node holds it")))]
 pub(super) async fn release_lease(
     State(app): State<AppState>,
     Name(name): Name,

@@ -56,6 +56,9 @@ pub fn bin() -> &'static str {
 /// Starts volume-mgr on `dir` and waits for `/healthz`. Volumes get one replica unless
 /// `extra` sets `--default-replicas` (most tests register a single node).
 pub fn start(dir: &Path, extra: &[&str]) -> Mgr {
+    // reqwest is built without a rustls crypto provider (volume-mgr picks ring): every
+    // reqwest client of the tests needs it installed first.
+    volume_mgr::tls::install_provider();
     let port = free_port();
     let default_replicas: &[&str] = if extra.contains(&"--default-replicas") {
         &[]
