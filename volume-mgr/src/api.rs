@@ -996,3 +996,30 @@ pub struct RestoreReport {
     pub cluster_id: String,
     pub revision: u64,
 }
+
+// ---- Watch ------------------------------------------------------------------------------------
+
+/// One change in `GET /v1/watch`: object `name` of `kind` was written (`object` holds its new
+/// record) or deleted, in the commit that produced revision `rev`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WatchEvent {
+    pub rev: u64,
+    /// `node`, `disk`, `volume`, `lease`, `network`, `port`, `switch`, `vip` or `viplease`.
+    pub kind: String,
+    pub name: String,
+    pub deleted: bool,
+    /// The record as `GET` of that kind's list returns it (absent when deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<serde_json::Value>,
+}
+
+/// Changes after `since` (`GET /v1/watch`), in commit order. `revision`: where the next watch
+/// resumes (`since=revision`); it can be past the last event's when changes of other kinds
+/// were skipped. No events: nothing of the asked kinds changed before the timeout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WatchEvents {
+    pub revision: u64,
+    pub events: Vec<WatchEvent>,
+}

@@ -37,6 +37,51 @@ pub struct Client {
     token: Option<String>,
     /// Whether idle connections are kept (false for [`Client::new_unpooled`]).
     pooled: bool,
+    /// The copies the incremental watches keep (shared by clones).
+    caches: std::sync::Arc<std::sync::Mutex<Caches>>,
+}
+
+/// What [`Client::watch_volumes`] and [`Client::watch_net_state`] last returned: the next call
+/// with that revision asks `GET /v1/watch` for the changes since and applies them here,
+/// instead of reading the whole state again.
+#[derive(Default)]
+struct Caches {
+    volumes: Option<api::List<api::Volume>>,
+    net: Option<api::NetState>,
+    /// The manager has no `/v1/watch` (404): whole-state long-polls only.
+    no_watch: bool,
+}
+
+/// Inserts or replaces `item` (named `name`) in `items`, kept sorted by name as lists are.
+fn upsert<T>(items: &mut Vec<T>, name: &str, key: impl Fn(&T) -> &str, item: T) {
+    match items.binary_search_by(|x| key(x).cmp(name)) {
+        Ok(i) => items[i] = item,
+        Err(i) => items.insert(i, item),
+    }
+}
+
+fn remove<T>(items: &mut Vec<T>, name: &str, key: impl Fn(&T) -> &str) {
+    if let Ok(i) = items.binary_search_by(|x| key(x).cmp(name)) {
+        items.remove(i);
+    }
+}
+
+fn apply<T: DeserializeOwned>(
+    items: &mut Vec<T>,
+    e: &api::WatchEvent,
+    key: impl Fn(&T) -> &str,
+) -> Result<(), ClientError> {
+    if e.deleted {
+        remove(items, &e.name, key);
+        return Ok(());
+    }
+    let v = e.object.clone().ok_or_else(|| {
+        ClientError::Protocol(format!("watch event for {} without object", e.name))
+    })?;
+    let item: T = serde_json::from_value(v)
+        .map_err(|err| ClientError::Protocol(format!("watch event for {}: {err}", e.name)))?;
+    upsert(items, &e.name, key, item);
+    Ok(())
 }
 
 /// The reqwest client: rustls (ring) for `https://` URLs, trusting the system's roots plus
@@ -98,6 +143,48 @@ impl Client {
             http: http_client(pooled, None).expect("HTTP client"),
             token: None,
             pooled,
+            caches: Default::default(),
+        }
+    }
+
+    /// `GET /v1/watch`: the changes of `kinds` (comma-separated) after revision `since`, or none
+    /// after `timeout`. 410 (`compacted`): list again.
+    pub async fn watch(
+        &self,
+        kinds: &str,
+        since: u64,
+        timeout: Duration,
+    ) -> Result<api::WatchEvents, ClientError> {
+        let path = format!(
+            "/v1/watch?since={since}&kinds={kinds}&timeout_ms={}",
+            timeout.as_millis()
+        );
+        self.call::<(), _>(Method::GET, &path, None, timeout + Duration::from_secs(10))
+            .await?
+            .ok_or_else(|| ClientError::Protocol("empty body".into()))
+    }
+
+    /// Runs one incremental step for a cache taken out by `take`: `Ok(Some(events))` to apply,
+    /// `Ok(None)` when the whole state must be read (no cache at that revision, history
+    /// compacted, or a manager without `/v1/watch`).
+    async fn delta(
+        &self,
+        kinds: &str,
+        have: Option<u64>,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<Option<api::WatchEvents>, ClientError> {
+        if have != Some(after) || self.caches.lock().unwrap().no_watch {
+            return Ok(None);
+        }
+        match self.watch(kinds, after, timeout).await {
+            Ok(ev) => Ok(Some(ev)),
+            Err(ClientError::Api { status: 410, .. }) => Ok(None),
+            Err(ClientError::Api { status: 404, .. }) => {
+                self.caches.lock().unwrap().no_watch = true;
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -269,6 +356,33 @@ impl Client {
     /// Long-poll: answers once the volume list changed after `after_revision`, or after
     /// `timeout` with the current list.
     pub async fn watch_volumes(
+        &self,
+        after_revision: u64,
+        timeout: Duration,
+    ) -> Result<api::List<api::Volume>, ClientError> {
+        let have = self
+            .caches
+            .lock()
+            .unwrap()
+            .volumes
+            .as_ref()
+            .map(|l| l.revision);
+        if let Some(ev) = self.delta("volume", have, after_revision, timeout).await? {
+            let mut c = self.caches.lock().unwrap();
+            if let Some(list) = c.volumes.as_mut().filter(|l| l.revision == after_revision) {
+                for e in &ev.events {
+                    apply(&mut list.items, e, |v: &api::Volume| v.name.as_str())?;
+                }
+                list.revision = ev.revision;
+                return Ok(list.clone());
+            }
+        }
+        let list = self.watch_volumes_whole(after_revision, timeout).await?;
+        self.caches.lock().unwrap().volumes = Some(list.clone());
+        Ok(list)
+    }
+
+    async fn watch_volumes_whole(
         &self,
         after_revision: u64,
         timeout: Duration,
@@ -508,6 +622,35 @@ impl Client {
     /// Long-poll: answers once networks, ports or switches (including a switch recorded up or
     /// down) changed after `after_revision`, or after `timeout` with the current state.
     pub async fn watch_net_state(
+        &self,
+        after_revision: u64,
+        timeout: Duration,
+    ) -> Result<api::NetState, ClientError> {
+        let have = self.caches.lock().unwrap().net.as_ref().map(|n| n.revision);
+        if let Some(ev) = self
+            .delta("network,port,switch", have, after_revision, timeout)
+            .await?
+        {
+            let mut c = self.caches.lock().unwrap();
+            if let Some(n) = c.net.as_mut().filter(|n| n.revision == after_revision) {
+                for e in &ev.events {
+                    match e.kind.as_str() {
+                        "network" => apply(&mut n.networks, e, |x: &api::Network| x.name.as_str())?,
+                        "port" => apply(&mut n.ports, e, |x: &api::Port| x.name.as_str())?,
+                        "switch" => apply(&mut n.switches, e, |x: &api::Switch| x.node.as_str())?,
+                        _ => {}
+                    }
+                }
+                n.revision = ev.revision;
+                return Ok(n.clone());
+            }
+        }
+        let n = self.watch_net_state_whole(after_revision, timeout).await?;
+        self.caches.lock().unwrap().net = Some(n.clone());
+        Ok(n)
+    }
+
+    async fn watch_net_state_whole(
         &self,
         after_revision: u64,
         timeout: Duration,

@@ -77,6 +77,7 @@ fn report_progress() {}
         crate::server::get_lease,
         get_recovery,
         report_progress,
+        crate::server::watch::watch,
         crate::server::backup::backup,
         crate::server::backup::restore,
         crate::server::network::list_networks,

@@ -38,6 +38,7 @@ pub(crate) mod backup;
 mod cluster;
 pub(crate) mod network;
 pub(crate) mod vip;
+pub(crate) mod watch;
 
 /// Largest volume: 1 PiB.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
@@ -1122,6 +1123,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/vips/{name}/lease",
             axum::routing::post(vip::acquire_lease).delete(vip::release_lease),
         )
+        .route("/v1/watch", get(watch::watch))
         .route("/v1/backup", get(backup::backup))
         .route(
             "/v1/restore",

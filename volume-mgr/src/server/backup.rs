@@ -49,7 +49,7 @@ const KINDS: [(Kind, &str); 12] = [
 ];
 
 /// The name of a kind in a backup (an exhaustive match: a new kind must be named here).
-fn kind_name(k: Kind) -> &'static str {
+pub(crate) fn kind_name(k: Kind) -> &'static str {
     match k {
         Kind::Meta => "meta",
         Kind::Node => "node",
