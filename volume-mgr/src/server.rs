@@ -518,12 +518,14 @@ async fn create_volume(
             "no disks registered: start blockd with --disk".into(),
         ));
     }
-    let (_, vols) = app.store.list(Kind::Volume)?;
-    let mut provisioned = 0u64;
-    for (_, b) in &vols {
-        let v = decode::<api::Volume>(b)?;
-        provisioned = provisioned.saturating_add(v.size.saturating_mul(v.replicas.max(1) as u64));
-    }
+    // The provisioned total is kept in `meta/provisioned` (updated by every create and delete
+    // under a condition), so a create does not read every volume; a store without it (older,
+    // or restored) sums the volumes once.
+    let prov_cur = app.store.get(Kind::Meta, PROVISIONED)?;
+    let provisioned = match &prov_cur {
+        Some(b) => decode::<u64>(b)?,
+        None => provisioned_sum(&app)?,
+    };
     let want = req.size.saturating_mul(replicas as u64);
     let limit = (capacity as f64 * app.cfg.overcommit) as u64;
     if provisioned.saturating_add(want) > limit {
@@ -581,6 +583,7 @@ async fn create_volume(
     let mut conds = vec![
         Cond::Equals(Kind::Volume, req.name.clone(), None),
         Cond::Equals(Kind::Meta, "next_volume_id".into(), cur),
+        Cond::Equals(Kind::Meta, PROVISIONED.into(), prov_cur),
     ];
     let mut used: Vec<&str> = vol
         .sets
@@ -601,6 +604,11 @@ async fn create_volume(
         &[
             Op::Put(Kind::Volume, req.name.clone(), encode(&vol)),
             Op::Put(Kind::Meta, "next_volume_id".into(), encode(&(id + 1))),
+            Op::Put(
+                Kind::Meta,
+                PROVISIONED.into(),
+                encode(&provisioned.saturating_add(want)),
+            ),
         ],
     )?;
     app.volume_rev.send_replace(rev);
@@ -737,6 +745,20 @@ async fn remove_node(State(app): State<AppState>, Name(name): Name) -> ApiResult
     app.live.lock().unwrap().remove(&name);
     tracing::info!(node = %name, "node removed");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Key (in `Kind::Meta`) of the provisioned total: the sum of size x replicas of all volumes.
+const PROVISIONED: &str = "provisioned";
+
+/// The provisioned total from the volumes themselves.
+fn provisioned_sum(app: &App) -> ApiResult<u64> {
+    let (_, vols) = app.store.list(Kind::Volume)?;
+    let mut provisioned = 0u64;
+    for (_, b) in &vols {
+        let v = decode::<api::Volume>(b)?;
+        provisioned = provisioned.saturating_add(v.size.saturating_mul(v.replicas.max(1) as u64));
+    }
+    Ok(provisioned)
 }
 
 /// Most chunk sets per volume (each is placed on its own R nodes).
@@ -927,13 +949,23 @@ async fn delete_volume(State(app): State<AppState>, Name(name): Name) -> ApiResu
         .ok_or_else(|| not_found(format!("volume {name} not found")))?;
     // The lease goes with the volume (a re-created volume has a new id, so no replica can
     // confuse its epochs with the old one's).
-    let rev = app.store.commit(
-        &[Cond::Equals(Kind::Volume, name.clone(), Some(cur))],
-        &[
-            Op::Delete(Kind::Volume, name.clone()),
-            Op::Delete(Kind::Lease, name.clone()),
-        ],
-    )?;
+    let v: api::Volume = decode(&cur)?;
+    let mut conds = vec![Cond::Equals(Kind::Volume, name.clone(), Some(cur))];
+    let mut ops = vec![
+        Op::Delete(Kind::Volume, name.clone()),
+        Op::Delete(Kind::Lease, name.clone()),
+    ];
+    if let Some(b) = app.store.get(Kind::Meta, PROVISIONED)? {
+        let total: u64 = decode(&b)?;
+        let mine = v.size.saturating_mul(v.replicas.max(1) as u64);
+        conds.push(Cond::Equals(Kind::Meta, PROVISIONED.into(), Some(b)));
+        ops.push(Op::Put(
+            Kind::Meta,
+            PROVISIONED.into(),
+            encode(&total.saturating_sub(mine)),
+        ));
+    }
+    let rev = app.store.commit(&conds, &ops)?;
     app.volume_rev.send_replace(rev);
     tracing::info!(volume = %name, "volume deleted");
     Ok(StatusCode::NO_CONTENT)

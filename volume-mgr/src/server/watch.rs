@@ -105,13 +105,15 @@ pub(crate) async fn watch(
         if current > since {
             let changes = match app.store.changes(since, LIMIT) {
                 Ok(c) => c,
-                Err(StoreError::Compacted(oldest)) => return Err(Error(
-                    StatusCode::GONE,
-                    "compacted",
-                    format!(
+                Err(StoreError::Compacted(oldest)) => {
+                    return Err(Error(
+                        StatusCode::GONE,
+                        "compacted",
+                        format!(
                         "history after revision {since} is gone (kept from {oldest}); list again"
                     ),
-                )),
+                    ))
+                }
                 Err(e) => return Err(e.into()),
             };
             let full = changes.len() >= LIMIT;
