@@ -118,7 +118,23 @@ pub async fn status(client: &Client, a: StatusArgs, json: bool) -> anyhow::Resul
             print_json(&r)?;
         } else {
             let nodes = client.list_nodes().await?.items;
-            let screen = render(&r, &nodes);
+            let c = client.cluster().await?;
+            let screen = format!(
+                "control plane: {} store, revision {}, answered by {}, leader {}\n{}",
+                if c.store.is_empty() {
+                    "embedded"
+                } else {
+                    &c.store
+                },
+                c.revision,
+                if c.manager.is_empty() {
+                    "?"
+                } else {
+                    &c.manager
+                },
+                c.leader.as_deref().unwrap_or("none known"),
+                render(&r, &nodes)
+            );
             if a.watch {
                 // Clear the terminal and home the cursor.
                 print!("\x1b[2J\x1b[H");
