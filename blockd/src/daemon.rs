@@ -157,7 +157,13 @@ pub async fn run(
                 source,
             })?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
-        let app = http_router(store.clone(), metrics.clone(), gw.clone(), scrubber.clone());
+        let app = http_router(
+            store.clone(),
+            metrics.clone(),
+            gw.clone(),
+            scrubber.clone(),
+            service.clone(),
+        );
         let mut rx = stop_rx.clone();
         tasks.spawn(async move {
             let _ = axum::serve(l, app)
@@ -248,6 +254,7 @@ fn http_router(
     metrics: Arc<nbd::NbdMetrics>,
     gw: Arc<gateway::Ctx>,
     scrubber: Arc<crate::scrub::Scrubber>,
+    metrics_service: Arc<ReplicaService>,
 ) -> axum::Router {
     use axum::routing::{get, post};
     let s2 = scrubber.clone();
@@ -293,8 +300,13 @@ fn http_router(
                 let metrics = metrics.clone();
                 let gw = gw.clone();
                 let scrubber = scrubber.clone();
+                let service = metrics_service.clone();
                 async move {
                     let mut out = String::new();
+                    let _ = std::fmt::Write::write_fmt(&mut out, format_args!(
+                        "# HELP blockd_replica_stale_writes_total Writes refused as older than the chunk's resynced copy (late requests from a connection the gateway gave up).\n# TYPE blockd_replica_stale_writes_total counter\nblockd_replica_stale_writes_total {}\n",
+                        service.stale_writes.load(std::sync::atomic::Ordering::Relaxed)
+                    ));
                     scrubber.metrics.render_prometheus(&mut out);
                     store.render_prometheus(&mut out);
                     metrics.render_prometheus(&mut out);

@@ -53,6 +53,13 @@ impl ReplicaClient {
     ) -> io::Result<ReplicaClient> {
         let s = tokio::net::TcpStream::connect(addr).await?;
         let _ = s.set_nodelay(true);
+        // Closing this connection aborts it (RST) and drops whatever is still queued to send.
+        // A graceful close would let TCP deliver requests the gateway already gave up on (a
+        // write that timed out during a network cut) once the link is back — after the replica
+        // may have been resynced, overwriting newer data with the stale write.
+        // (Deprecated because a non-zero linger blocks the closing thread; zero never does.)
+        #[allow(deprecated)]
+        let _ = s.set_linger(Some(Duration::ZERO));
         let (r, mut w) = s.into_split();
         let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
         let my_nonce = auth::nonce();

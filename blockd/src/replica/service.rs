@@ -50,6 +50,16 @@ impl Fences {
 pub struct ReplicaService {
     pub store: Arc<ChunkStore>,
     pub fences: Fences,
+    /// Per chunk, the version of the last image a resync installed here. A write that carries
+    /// an older version was issued before that copy was taken (the copy is made under the
+    /// chunk's lock, so every write issued earlier is in the image, and every later one has a
+    /// higher version): it can only be a stale request arriving late — e.g. retransmitted by
+    /// TCP from a gateway connection given up during a network cut — and must not overwrite
+    /// the copied data. Memory only: a restart also ends every connection such requests could
+    /// come on.
+    floors: Mutex<HashMap<ChunkKey, u64>>,
+    /// Writes refused by `floors` (`blockd_replica_stale_writes`).
+    pub stale_writes: std::sync::atomic::AtomicU64,
 }
 
 fn key(c: Chunk) -> ChunkKey {
@@ -72,6 +82,28 @@ impl ReplicaService {
         ReplicaService {
             store,
             fences: Fences::default(),
+            floors: Mutex::new(HashMap::new()),
+            stale_writes: Default::default(),
+        }
+    }
+
+    /// Refuses (EIO) a write whose version is older than the image a resync installed.
+    fn check_floor(&self, chunk: Chunk, version: u64) -> RResult<()> {
+        let floor = self.floors.lock().unwrap().get(&key(chunk)).copied();
+        match floor {
+            Some(f) if version < f => {
+                self.stale_writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    volume = chunk.volume,
+                    chunk = chunk.index,
+                    version,
+                    installed = f,
+                    "stale write refused: older than the chunk's resynced copy"
+                );
+                Err(EIO)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -125,6 +157,7 @@ impl ReplicaService {
         if len == 0 || !in_chunk(offset, len) {
             return Err(EINVAL);
         }
+        self.check_floor(chunk, version)?;
         self.store
             .write_versioned(key(chunk), offset as u64, data, start, len, fua, version)
             .await
@@ -147,6 +180,7 @@ impl ReplicaService {
         if len == 0 || !in_chunk(offset, len as usize) {
             return Err(EINVAL);
         }
+        self.check_floor(chunk, version)?;
         self.store
             .zero_versioned(key(chunk), offset as u64, len as u64, punch, fua, version)
             .await
@@ -202,6 +236,10 @@ impl ReplicaService {
         self.store
             .install_image(key(chunk), version, &bm, blocks)
             .await
-            .map_err(|e| e.nbd_errno())
+            .map_err(|e| e.nbd_errno())?;
+        let mut f = self.floors.lock().unwrap();
+        let e = f.entry(key(chunk)).or_insert(0);
+        *e = (*e).max(version);
+        Ok(())
     }
 }
