@@ -129,7 +129,7 @@ start_cluster() {
   logcmd ip netns exec "$TAG-h0" "${m[@]/#$d/\$RUN}"
   ip netns exec "$TAG-h0" "${m[@]}" >/dev/null 2>"$d/mgr.log" & PIDS+=($!)
   for i in $(seq 300); do fabctl node ls >/dev/null 2>&1 && break; sleep 0.1; done
-  fabctl node ls >/dev/null 2>&1 || { tail -20 "$d/mgr.log" >&2; die "volume-mgr did not answer"; }
+  fabctl node ls >/dev/null 2>&1 || { tail -n 20 "$d/mgr.log" >&2; die "volume-mgr did not answer"; }
   NODE_PID=()
   for i in 1 2 3 4; do
     mkdir -p "$d/h$i"
@@ -146,7 +146,7 @@ import json, sys
 sys.exit(0 if sum(1 for x in json.load(sys.stdin) if x.get("state") == "up") >= 4 else 1)' && return 0
     sleep 0.1
   done
-  tail -5 "$d"/h*.log >&2; die "the four blockd are not up"
+  tail -n 5 "$d"/h*.log >&2; die "the four blockd are not up"
 }
 stop_cluster() {
   local i
@@ -199,7 +199,7 @@ while time.time() - t_kill < timeout:
     time.sleep(max(0.0, 0.1 - (time.time() - now)))
 if t_done is None:
     sys.exit("not re-homed after %.0f s: %s" % (timeout, json.dumps(rec())))
-hb = [n for n in get("/v1/nodes") if n["name"] == victim][0]["last_heartbeat_ms"] / 1000
+hb = get("/v1/nodes/" + victim)["last_heartbeat_ms"] / 1000
 # The last progress report (once a second) and the counter after it.
 time.sleep(2.5)
 copied = rec()["bytes_copied"] - base
@@ -236,7 +236,7 @@ for r in $(seq "$RUNS"); do
       --ioengine=nbd --uri="nbd+unix:///vol?socket=$d/h1/nbd.sock"
     logcmd python3 poll.py "$MGR" vol h3 "<pid of h3's blockd>" '$RUN/h1.log' 300
     out=$(inns h0 python3 "$POLL" "$MGR" vol h3 "${NODE_PID[3]}" "$d/h1.log" 300) \
-      || { tail -20 "$d"/mgr.log "$d"/h1.log >&2; die "recovery did not finish"; }
+      || { tail -n 20 "$d"/mgr.log "$d"/h1.log >&2; die "recovery did not finish"; }
     copied=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["copied"])' "$out")
     # The raw limit of the same bytes, in the same run: a direct-I/O copy on the same file
     # system, and TCP between the copier (h1) and the new home (h4).
