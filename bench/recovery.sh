@@ -247,10 +247,10 @@ for r in $(seq "$RUNS"); do
     t1=$(date +%s.%N)
     rm -f "$d/src.img" "$d/dst.img"
     dd_rate=$(python3 -c "print($mib * 1048576 / ($t1 - $t0))")
-    inns h4 iperf3 -s -1 -B 198.18.0.5 >/dev/null 2>&1 & BG=$!
+    inns h4 timeout 30 iperf3 -s -1 -B 198.18.0.5 >/dev/null 2>&1 & BG=$!
     sleep 0.5
     logcmd ip netns exec "$TAG-h1" iperf3 -c 198.18.0.5 -t 3 -J
-    net_rate=$(inns h1 iperf3 -c 198.18.0.5 -t 3 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8)')
+    net_rate=$(inns h1 timeout 30 iperf3 -c 198.18.0.5 -t 3 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 8)')
     wait $BG || true; BG=""
     printf 'rec\t%s\t%s\t%s\t%s\t%s\n' "$r" "$bw" "$out" "$dd_rate" "$net_rate" >> "$RESULTS"
     stop_cluster
