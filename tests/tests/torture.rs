@@ -88,7 +88,7 @@ fn block_data(id: u32, block: u64) -> Vec<u8> {
     if id == 0 {
         return v;
     }
-    let mut x = mix(((id as u64) << 32) ^ block ^ 0x7057_7572_65);
+    let mut x = mix(((id as u64) << 32) ^ block ^ 0x0070_5775_7265);
     for (s, sector) in v.chunks_mut(SECTOR).enumerate() {
         let tag = ((id as u64) << 32) | (block << 3) | s as u64;
         sector[..8].copy_from_slice(&tag.to_le_bytes());
