@@ -387,8 +387,11 @@ for how, rs in stall.items():
           ", ".join("%.2f s" % (x["gap"] / 1000) for x in rs), sum(x["err"] for x in rs), med(x["iops"] for x in rs)))
 print()
 print("Targets: recovery rate >= 0.5 of min(throttle, raw limit): %s; stall < 6 s: %s." % (
-    "met" if all(med(j["ratio"] for j in rs) >= 0.5 for rs in rec.values()) else "NOT met",
-    "met" if all(med(x["gap"] for x in rs) < 6000 for rs in stall.values()) else "NOT met"))
+    ", ".join("%s %s (%.2f)" % (bw if bw != "0" else "unlimited",
+                               "met" if med(j["ratio"] for j in rs) >= 0.5 else "NOT met",
+                               med(j["ratio"] for j in rs)) for bw, rs in rec.items()),
+    ", ".join("%s %s" % (how, "met" if med(x["gap"] for x in rs) < 6000 else "NOT met")
+              for how, rs in stall.items())))
 print()
 print("Every recovery run (s from the kill: out decision, copy start in the log, first progress, done; MiB copied; MiB/s rate; dd and TCP MiB/s):")
 print()
