@@ -648,7 +648,18 @@ fn torture_random_faults_during_verified_writes() {
             }
         }
         let fault = bag.pop().unwrap();
-        let others: Vec<usize> = (1..=HOSTS).filter(|&h| h != g).collect();
+        // Victims among the other hosts that hold a replica (after a re-homing one may hold
+        // none: a fault there would test nothing).
+        let all_others: Vec<usize> = (1..=HOSTS).filter(|&h| h != g).collect();
+        let holding = sets(&c);
+        let mut others: Vec<usize> = all_others
+            .iter()
+            .copied()
+            .filter(|h| holding.iter().any(|(_, n)| n.contains(&format!("h{h}"))))
+            .collect();
+        if others.is_empty() {
+            others = all_others;
+        }
         let victim = others[rng.range(0, others.len() as u64 - 1) as usize];
         let hold = Duration::from_millis(rng.range(1000, 4000));
         let t = Instant::now();
