@@ -378,3 +378,35 @@ pub fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
     let failed = out.contains("failed") || out.contains("error");
     (ok && !failed, out)
 }
+
+/// Helpers of the torture test (tests/tests/torture.rs).
+impl Cluster {
+    /// SIGKILLs volume-mgr and leaves it down (`restart_manager_with` starts it again).
+    pub fn kill_manager(&mut self) {
+        self.manager.take();
+    }
+
+    /// Daemons that exited although nobody stopped them: ("h2", status) / ("volume-mgr", …).
+    /// A killed node (`kill_node`) is not running and not listed.
+    pub fn exited(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(m) = &mut self.manager {
+            if let Some(s) = m.try_wait() {
+                out.push(("volume-mgr".to_string(), s.to_string()));
+            }
+        }
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if let Some(p) = n {
+                if let Some(s) = p.try_wait() {
+                    out.push((format!("h{}", i + 1), s.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The directory holding the daemons' logs (`volume-mgr.log`, `h1.log`, …).
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
