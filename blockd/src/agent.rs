@@ -285,6 +285,9 @@ async fn recovery_duties<L: VolumeLookup>(
             _ => continue,
         };
         let drop_sets = rehomed_sets(&fresh, me);
+        // The gateway here (if the volume is attached) stops reading those sets locally
+        // before their chunks go.
+        catalog.sync_attached_record(&fresh).await;
         match catalog
             .store()
             .delete_chunks(v.id, |i| drop_sets.contains(&(i % nsets)))

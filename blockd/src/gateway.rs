@@ -866,6 +866,30 @@ impl Attached {
         changed
     }
 
+    /// Drops the members that `v`'s record no longer lists (and nothing else: unlike
+    /// [`sync_record`](Self::sync_record) it never changes in/out-of-service states, which a
+    /// read older than this gateway's own updates could roll back). For the agent, before it
+    /// deletes this host's chunks of sets re-homed away.
+    pub fn forget_left_members(&self, v: &api::Volume) {
+        if v.id != self.id || v.sets.len() as u64 != self.nsets {
+            return;
+        }
+        let mut changed = false;
+        let mut sets = self.sets.lock().unwrap();
+        for (s, (cur, rec)) in sets.iter_mut().zip(&v.sets).enumerate() {
+            let before = cur.len();
+            cur.retain(|m| rec.members.iter().any(|r| r.node == m.node));
+            if cur.len() != before {
+                changed = true;
+                tracing::info!(volume = %self.name, set = s, "replicas that left the record dropped before their chunks are deleted");
+            }
+        }
+        drop(sets);
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+
     /// Reads the volume's record and applies membership changes (dropped when one of this
     /// gateway's own updates landed meanwhile: the read may predate it).
     async fn refresh_record(&self) {

@@ -352,6 +352,19 @@ impl<L: VolumeLookup> VolumeCatalog<L> {
         &self.store
     }
 
+    /// Applies the membership of `v`'s record to this host's attachment of it, if attached
+    /// here: before the agent drops this host's chunks of sets re-homed away, the gateway
+    /// must stop reading them locally (its own view of the record can lag, e.g. while it is
+    /// cut off from the manager).
+    pub async fn sync_attached_record(&self, v: &volume_mgr::api::Volume) {
+        let vol = self.volumes.read().unwrap().get(&v.name).cloned();
+        if let Some(vol) = vol {
+            if let Some(a) = vol.attached.lock().await.as_ref() {
+                a.forget_left_members(v);
+            }
+        }
+    }
+
     /// Replaces the set of volumes; returns the ids of volumes that went away (their data
     /// is to be deleted). Open connections to a removed volume get ESHUTDOWN.
     pub fn sync(&self, list: &[VolumeInfo]) -> Vec<u64> {
