@@ -1023,3 +1023,40 @@ pub struct WatchEvents {
     pub revision: u64,
     pub events: Vec<WatchEvent>,
 }
+
+// ---- Updates ----------------------------------------------------------------------------------
+
+/// `PATCH /v1/volumes/{name}`: the fields that can change; absent ones stay. `size` and
+/// `replicas` are accepted only to be refused with a reason (400).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVolume {
+    /// Fewest in-service replicas a write needs, 1..=replicas. Gateways use it from their
+    /// next attach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_replicas: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+}
+
+/// `PATCH /v1/networks/{name}`: the fields that can change; absent ones stay. `vni` and
+/// `subnet` are accepted only to be refused with a reason (400).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateNetwork {
+    /// Interface MTU of the ports, 576..=9000; 0 clears it (each vswitch's underlay MTU − 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Router handed out by DHCP; "" clears it. Refused while a port has that address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// DNS servers handed out by DHCP (replaces the list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+}

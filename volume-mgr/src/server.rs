@@ -37,6 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub(crate) mod backup;
 mod cluster;
 pub(crate) mod network;
+pub(crate) mod update;
 pub(crate) mod vip;
 pub(crate) mod watch;
 
@@ -1097,7 +1098,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/nodes/{name}/heartbeat", put(heartbeat))
         .route("/v1/disks", get(list_disks))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
-        .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume)
+                .delete(delete_volume)
+                .patch(update::update_volume),
+        )
         .route(
             "/v1/volumes/{name}/replicas",
             axum::routing::post(update_replicas),
@@ -1118,7 +1124,9 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(
             "/v1/networks/{name}",
-            get(network::get_network).delete(network::delete_network),
+            get(network::get_network)
+                .delete(network::delete_network)
+                .patch(update::update_network),
         )
         .route(
             "/v1/ports",
@@ -1130,7 +1138,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/ports/{name}/node", put(network::move_port))
         .route("/v1/switches", get(network::list_switches))
-        .route("/v1/switches/{name}", put(network::register_switch))
+        .route(
+            "/v1/switches/{name}",
+            put(network::register_switch).get(update::get_switch),
+        )
         .route(
             "/v1/switches/{name}/heartbeat",
             put(network::switch_heartbeat),
