@@ -112,6 +112,13 @@ enum VolumeCmd {
     Ls,
     /// Show one volume: placement, each replica's node and state, the lease.
     Show { name: String },
+    /// Change a volume's settings (size and replicas cannot change).
+    Set {
+        name: String,
+        /// Fewest in-service replicas a write needs, 1..=replicas (used from the next attach).
+        #[arg(long)]
+        min_replicas: u32,
+    },
     /// Compare every replica's chunk versions and checksums; exit 1 on any difference.
     Verify {
         name: String,
@@ -393,6 +400,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 table::print(
                     &["NAME", "ID", "SIZE", "REPLICAS", "CHUNK"],
                     &volume_rows(&l.items),
+                );
+            }
+        }
+        Cmd::Volume(VolumeCmd::Set { name, min_replicas }) => {
+            let v = client
+                .update_volume(
+                    &name,
+                    &api::UpdateVolume {
+                        min_replicas: Some(min_replicas),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "volume {name}: min_replicas {} of {} (gateways use it from their next attach)",
+                    v.min_replicas, v.replicas
                 );
             }
         }

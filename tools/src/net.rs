@@ -33,6 +33,19 @@ pub enum NetCmd {
     Show { name: String },
     /// Delete a network (refused while it has ports).
     Rm { name: String },
+    /// Change a network's MTU, router or DNS servers (the VNI and subnet cannot change).
+    Set {
+        name: String,
+        /// Interface MTU of the ports, 576-9000; 0: each vswitch's underlay MTU - 50.
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// Router handed out by DHCP; "" clears it.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// DNS servers handed out by DHCP (replaces the list; comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        dns: Option<Vec<String>>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -334,6 +347,43 @@ pub async fn net(client: &Client, cmd: NetCmd, json: bool) -> anyhow::Result<()>
                         &port_rows(&ports),
                     );
                 }
+            }
+        }
+        NetCmd::Set {
+            name,
+            mtu,
+            gateway,
+            dns,
+        } => {
+            if mtu.is_none() && gateway.is_none() && dns.is_none() {
+                anyhow::bail!("nothing to change: give --mtu, --gateway or --dns");
+            }
+            let n = client
+                .update_network(
+                    &name,
+                    &volume_mgr::api::UpdateNetwork {
+                        mtu,
+                        gateway,
+                        dns,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&n)?;
+            } else {
+                println!(
+                    "network {name}: mtu {}, gateway {}, dns {}",
+                    n.mtu
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| "underlay - 50".into()),
+                    n.gateway.as_deref().unwrap_or("none"),
+                    if n.dns.is_empty() {
+                        "none".to_string()
+                    } else {
+                        n.dns.join(",")
+                    }
+                );
             }
         }
         NetCmd::Rm { name } => {

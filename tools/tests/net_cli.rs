@@ -476,3 +476,52 @@ fn net_usage_errors_are_exit_2() {
     let help = String::from_utf8(o.stdout).unwrap();
     assert!(help.contains("tap") && help.contains("netdev"), "{help}");
 }
+
+#[test]
+fn net_set_changes_mtu_gateway_dns() {
+    let m = start_manager();
+    ok(
+        &m,
+        &[
+            "net",
+            "create",
+            "red",
+            "--vni",
+            "6",
+            "--subnet",
+            "10.6.0.0/24",
+        ],
+    );
+    let out = ok(
+        &m,
+        &[
+            "net",
+            "set",
+            "red",
+            "--mtu",
+            "1400",
+            "--gateway",
+            "10.6.0.1",
+            "--dns",
+            "10.6.0.53",
+        ],
+    );
+    assert!(
+        out.contains("mtu 1400") && out.contains("gateway 10.6.0.1") && out.contains("10.6.0.53"),
+        "{out}"
+    );
+    let n = json(&m, &["net", "show", "red"]);
+    assert_eq!(
+        (n["mtu"].as_u64(), n["gateway"].as_str()),
+        (Some(1400), Some("10.6.0.1"))
+    );
+    let out = ok(&m, &["net", "set", "red", "--mtu", "0", "--gateway", ""]);
+    assert!(
+        out.contains("underlay - 50") && out.contains("gateway none"),
+        "{out}"
+    );
+    let e = fails(fabctl(&m, &["net", "set", "red"]));
+    assert!(e.contains("nothing to change"), "{e}");
+    let e = fails(fabctl(&m, &["net", "set", "red", "--mtu", "10"]));
+    assert!(e.contains("mtu"), "{e}");
+}

@@ -491,6 +491,26 @@ impl Client {
             .map(|_| ())
     }
 
+    /// `PATCH /v1/volumes/{name}`.
+    pub async fn update_volume(
+        &self,
+        name: &str,
+        req: &api::UpdateVolume,
+    ) -> Result<api::Volume, ClientError> {
+        self.send(Method::PATCH, &format!("/v1/volumes/{}", seg(name)), req)
+            .await
+    }
+
+    /// `PATCH /v1/networks/{name}`.
+    pub async fn update_network(
+        &self,
+        name: &str,
+        req: &api::UpdateNetwork,
+    ) -> Result<api::Network, ClientError> {
+        self.send(Method::PATCH, &format!("/v1/networks/{}", seg(name)), req)
+            .await
+    }
+
     // ---- backup and restore ----
 
     /// The whole cluster state at one revision.
