@@ -120,6 +120,10 @@ impl Drop for Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     reaper: OnceLock<tokio::task::AbortHandle>,
+    /// Serialises the first use (registering the ring fd, spawning the reaper): the first
+    /// operations often start on several threads at once, and a second registration of the
+    /// same fd fails with EEXIST.
+    init: Mutex<()>,
 }
 
 fn reap(r: &mut Ring) -> usize {
@@ -232,12 +236,17 @@ impl Engine {
         Ok(Arc::new(Engine {
             shared,
             reaper: OnceLock::new(),
+            init: Mutex::new(()),
         }))
     }
 
     fn start_reaper(&self) -> io::Result<()> {
         if self.reaper.get().is_some() {
             return Ok(());
+        }
+        let _init = self.init.lock().unwrap_or_else(|e| e.into_inner());
+        if self.reaper.get().is_some() {
+            return Ok(()); // another thread finished the set-up while this one waited
         }
         if self.shared.afd.get().is_none() {
             // SAFETY: the fd is the ring's, owned by `Shared.ring`, which outlives `Shared.afd`
@@ -252,9 +261,7 @@ impl Engine {
             let _ = self.shared.afd.set(afd);
         }
         let h = tokio::spawn(reaper(self.shared.clone()));
-        if self.reaper.set(h.abort_handle()).is_err() {
-            h.abort(); // another task won the race
-        }
+        let _ = self.reaper.set(h.abort_handle()); // unset: checked under `init`
         Ok(())
     }
 
@@ -480,6 +487,53 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
+    }
+
+    /// The first operations on a fresh engine, issued at once from several worker threads,
+    /// must all succeed: registering the ring with the runtime happens exactly once (a second
+    /// registration of the same fd fails with EEXIST, which used to reach NBD clients as EIO).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_operations_on_a_fresh_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join("f"))
+                .unwrap(),
+        );
+        file.set_len(1 << 20).unwrap();
+        let mut failures = Vec::new();
+        for round in 0..1500 {
+            let eng = Engine::new(64).unwrap();
+            let start = Arc::new(tokio::sync::Barrier::new(8));
+            let tasks: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let (eng, file, start) = (eng.clone(), file.clone(), start.clone());
+                    tokio::spawn(async move {
+                        start.wait().await;
+                        let b = AlignedBuf::from_slice(&[i as u8; 4096]);
+                        let (_, r) = eng
+                            .write(&file, i * 4096, Buf::Aligned(b), 0, 4096, false)
+                            .await;
+                        r
+                    })
+                })
+                .collect();
+            for t in tasks {
+                if let Err(e) = t.await.unwrap() {
+                    failures.push(format!("round {round}: {e}"));
+                }
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of 12000 first writes failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
     }
 
     #[tokio::test]
