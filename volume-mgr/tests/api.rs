@@ -50,7 +50,7 @@ fn register(c: &Client, url: &str, node: &str, capacity: u64) -> (u16, Value) {
 fn every_bad_request_gets_a_clear_4xx() {
     let dir = tempfile::tempdir().unwrap();
     let m = start(dir.path(), &[]);
-    let c = Client::new();
+    let c = common::client();
     let vols = format!("{}/v1/volumes", m.url);
     // No disks anywhere yet.
     expect_err(
@@ -295,7 +295,7 @@ fn every_bad_request_gets_a_clear_4xx() {
 fn watch_wakes_on_change_and_liveness_follows_heartbeats() {
     let dir = tempfile::tempdir().unwrap();
     let m = start(dir.path(), &["--down-after", "1500ms"]);
-    let c = Client::new();
+    let c = common::client();
     assert_eq!(register(&c, &m.url, "n1", 1 << 30).0, 200);
     let (_, l) = call(&c, "GET", &format!("{}/v1/volumes", m.url), None);
     let rev = l["revision"].as_u64().unwrap();
@@ -314,7 +314,7 @@ fn watch_wakes_on_change_and_liveness_follows_heartbeats() {
     let waiter = std::thread::spawn(move || {
         let t = Instant::now();
         let (_, l) = call(
-            &Client::new(),
+            &common::client(),
             "GET",
             &format!("{url}/v1/volumes?after_revision={rev}&timeout_ms=20000"),
             None,
@@ -361,7 +361,7 @@ fn watch_wakes_on_change_and_liveness_follows_heartbeats() {
 #[test]
 fn sigkill_loses_no_acknowledged_change() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Client::new();
+    let c = common::client();
     let mut acked = Vec::new();
     {
         let mut m = start(dir.path(), &[]);
@@ -410,7 +410,7 @@ fn sigkill_loses_no_acknowledged_change() {
 #[test]
 fn lease_epochs_only_move_forward_and_survive_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Client::new();
+    let c = common::client();
     let lease = |url: &str, node: &str| {
         call(
             &c,
@@ -512,7 +512,7 @@ fn members(set: &Value) -> Vec<&str> {
 fn placement_over_three_nodes() {
     let d = tempfile::tempdir().unwrap();
     let m = start(d.path(), &["--default-replicas", "3"]);
-    let c = Client::new();
+    let c = common::client();
     let vols = format!("{}/v1/volumes", m.url);
     for n in ["n1", "n2", "n3"] {
         register_in(&c, &m.url, n, None, 4 << 30);
@@ -615,7 +615,7 @@ fn placement_over_three_nodes() {
 fn placement_and_replica_state() {
     let d = tempfile::tempdir().unwrap();
     let m = start(d.path(), &["--default-replicas", "3"]);
-    let c = Client::new();
+    let c = common::client();
     let vols = format!("{}/v1/volumes", m.url);
     register_in(&c, &m.url, "a1", Some("rack-a"), 8 << 30);
     register_in(&c, &m.url, "a2", Some("rack-a"), 8 << 30);

@@ -27,7 +27,7 @@ fn sigterm_stops_at_once_even_with_a_long_poll_pending() {
     let url = m.url.clone();
     let watcher = std::thread::spawn(move || {
         let t = Instant::now();
-        let r = Client::new()
+        let r = common::client()
             .get(format!(
                 "{url}/v1/volumes?after_revision=1000000&timeout_ms=60000"
             ))
@@ -61,12 +61,12 @@ fn sigkill_under_concurrent_writers_loses_no_acknowledged_volume() {
     let acked = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
     {
         let mut m = start(dir.path(), &[]);
-        register(&Client::new(), &m.url, 1 << 50);
+        register(&common::client(), &m.url, 1 << 50);
         let writers: Vec<_> = (0..4)
             .map(|w| {
                 let (url, acked) = (m.url.clone(), acked.clone());
                 std::thread::spawn(move || {
-                    let c = Client::new();
+                    let c = common::client();
                     for i in 0.. {
                         let name = format!("w{w}-{i}");
                         let r = c
@@ -100,7 +100,7 @@ fn sigkill_under_concurrent_writers_loses_no_acknowledged_volume() {
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 40, "only {} acknowledged", acked.len());
     let m = start(dir.path(), &[]);
-    let c = Client::new();
+    let c = common::client();
     // Liveness is not persisted: the node beats again before new volumes are placed on it.
     register(&c, &m.url, 1 << 50);
     let l: Value = c
@@ -214,17 +214,24 @@ fn config_file_keys_apply_and_flags_win() {
         url: url.clone(),
     };
     let t = Instant::now();
-    while reqwest::blocking::get(format!("{url}/healthz")).is_err() {
+    while common::client()
+        .get(format!("{url}/healthz"))
+        .send()
+        .is_err()
+    {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "not on the flag's port"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(reqwest::blocking::get(format!("http://127.0.0.1:{file_port}/healthz")).is_err());
+    assert!(common::client()
+        .get(format!("http://127.0.0.1:{file_port}/healthz"))
+        .send()
+        .is_err());
     assert!(dir.path().join("state/state.redb").exists());
     // overcommit 0.5 from the file: 1 GiB of disk takes 512 MiB of volumes, not more.
-    let c = Client::new();
+    let c = common::client();
     register(&c, &url, 1 << 30);
     let create = |size: u64| {
         c.post(format!("{url}/v1/volumes"))

@@ -54,7 +54,7 @@ struct Api {
 impl Api {
     fn new(url: &str) -> Api {
         Api {
-            c: Client::new(),
+            c: common::client(),
             url: url.to_string(),
         }
     }
@@ -774,7 +774,9 @@ fn netstate_watch_wakes_on_changes_not_on_heartbeats() {
     assert_eq!(v["switches"][1]["state"], "down", "{v}");
     let l = a.get("/v1/switches").1;
     assert_eq!(l["items"][1]["state"], "down");
-    let text = reqwest::blocking::get(format!("{}/metrics", m.url))
+    let text = common::client()
+        .get(format!("{}/metrics", m.url))
+        .send()
         .unwrap()
         .text()
         .unwrap();

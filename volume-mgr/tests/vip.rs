@@ -54,7 +54,7 @@ struct Api {
 impl Api {
     fn new(url: &str) -> Api {
         Api {
-            c: Client::new(),
+            c: common::client(),
             url: url.to_string(),
         }
     }
@@ -702,7 +702,9 @@ fn reports_appear_while_fresh_and_are_not_stored() {
     let l = a.get("/v1/vips").1;
     assert_eq!(l["items"][0]["reports"]["h1"]["holder"], true);
     // /metrics sums them.
-    let text = reqwest::blocking::get(format!("{}/metrics", m.url))
+    let text = common::client()
+        .get(format!("{}/metrics", m.url))
+        .send()
         .unwrap()
         .text()
         .unwrap();

@@ -47,7 +47,7 @@ struct Api {
 impl Api {
     fn new(url: &str) -> Api {
         Api {
-            c: Client::new(),
+            c: common::client(),
             url: url.to_string(),
         }
     }

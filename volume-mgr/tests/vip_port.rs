@@ -39,7 +39,7 @@ fn expect_has(got: (u16, Value), status: u16, code: &str, part: &str) {
 fn vip_ports_and_port_moves() {
     let dir = tempfile::tempdir().unwrap();
     let m = start(dir.path(), &[]);
-    let c = Client::new();
+    let c = common::client();
     let u = |p: &str| format!("{}{p}", m.url);
     let post = |p: &str, b: Value| call(&c, "POST", &u(p), Some(b));
     let put = |p: &str, b: Value| call(&c, "PUT", &u(p), Some(b));

@@ -88,3 +88,11 @@ pub fn start(dir: &Path, extra: &[&str]) -> Mgr {
     }
     Mgr { child, url }
 }
+
+/// A blocking reqwest client, with the rustls crypto provider installed first (reqwest is
+/// built without one; building a client before it is installed panics).
+#[allow(dead_code)]
+pub fn client() -> reqwest::blocking::Client {
+    volume_mgr::tls::install_provider();
+    reqwest::blocking::Client::new()
+}
