@@ -499,6 +499,23 @@ async fn writer(c: &Client, prefix: &str, count: usize, rate: f64) -> Res<HashMa
     Ok(acked)
 }
 
+/// The benchmark node's one disk: 1 PiB, so creates never run out of capacity.
+fn disks() -> Vec<api::DiskSpec> {
+    vec![api::DiskSpec {
+        path: "/bench/disk0".into(),
+        capacity: 1 << 50,
+        used: 0,
+    }]
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn measure(opts: &Opts, s: &Setup) -> Res<Metrics> {
     let mut m = Metrics::new();
     let c = Client::new(vec![s.url.clone()]);
@@ -509,15 +526,22 @@ async fn measure(opts: &Opts, s: &Setup) -> Res<Metrics> {
             nbd_address: "127.0.0.1:10809".into(),
             nbd_socket: None,
             zone: None,
-            disks: vec![api::DiskSpec {
-                path: "/bench/disk0".into(),
-                capacity: 1 << 50,
-                used: 0,
-            }],
+            disks: disks(),
         },
     )
     .await
     .map_err(|e| format!("register node: {e}"))?;
+    // The node heartbeats every second, as blockd does, so it stays up (--down-after 5 s).
+    let hb = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = c.heartbeat("n1", &api::Heartbeat { disks: disks() }).await;
+            }
+        })
+    };
+    let _hb = AbortOnDrop(hb);
     let pid = s.mgr.id();
     let phase_cpu = |m: &mut Metrics, key_m: &'static str, key_e: &'static str, c0: (f64, f64)| {
         let c1 = cpu(pid);
@@ -900,7 +924,8 @@ fn run_all(rt: &tokio::runtime::Runtime, opts: &Opts) -> Res<String> {
     let t_all = Instant::now();
     for run in 0..opts.runs {
         let mut order = opts.stores.clone();
-        order.rotate_left(run % order.len());
+        let n = order.len();
+        order.rotate_left(run % n);
         for store in order {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 return Err("interrupted".into());
