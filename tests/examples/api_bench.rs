@@ -304,8 +304,13 @@ impl Setup {
             .stderr(log2);
         match &etcd {
             Some(e) => {
-                cmd.args(["--store", "etcd", "--etcd-endpoints", &e.endpoints().join(",")])
-                    .args(["--etcd-prefix", "/apibench/"]);
+                cmd.args([
+                    "--store",
+                    "etcd",
+                    "--etcd-endpoints",
+                    &e.endpoints().join(","),
+                ])
+                .args(["--etcd-prefix", "/apibench/"]);
             }
             None => {
                 cmd.arg("--data-dir").arg(dir.path().join("data"));
@@ -485,7 +490,12 @@ fn delivery(acked: &HashMap<String, Instant>, got: &HashMap<String, Instant>) ->
 }
 
 /// Creates `count` volumes named `{prefix}NNNN` one at a time at `rate`/s: name → ack time.
-async fn writer(c: &Client, prefix: &str, count: usize, rate: f64) -> Res<HashMap<String, Instant>> {
+async fn writer(
+    c: &Client,
+    prefix: &str,
+    count: usize,
+    rate: f64,
+) -> Res<HashMap<String, Instant>> {
     let start = tokio::time::Instant::now();
     let mut acked = HashMap::new();
     for i in 0..count {
@@ -597,17 +607,18 @@ async fn measure(opts: &Opts, s: &Setup) -> Res<Metrics> {
             create_retrying(|| {
                 let c = c.clone();
                 async move {
-                c.create_port(&api::CreatePort {
-                    name: format!("p{i:04}"),
-                    network: "bench".into(),
-                    node: "n1".into(),
-                    kind: api::PortKind::Tap,
-                    mac: None,
-                    ip: None,
-                    netns: None,
-                    ifname: None,
-                    vip: None,
-                }).await
+                    c.create_port(&api::CreatePort {
+                        name: format!("p{i:04}"),
+                        network: "bench".into(),
+                        node: "n1".into(),
+                        kind: api::PortKind::Tap,
+                        mac: None,
+                        ip: None,
+                        netns: None,
+                        ifname: None,
+                        vip: None,
+                    })
+                    .await
                 }
             })
             .await
@@ -816,8 +827,8 @@ async fn measure(opts: &Opts, s: &Setup) -> Res<Metrics> {
                 if st != 200 {
                     return Err(format!("GET {path}: HTTP {st}"));
                 }
-                let l: api::List<api::Volume> = serde_json::from_slice(&body)
-                    .map_err(|e| format!("GET {path}: {e}"))?;
+                let l: api::List<api::Volume> =
+                    serde_json::from_slice(&body).map_err(|e| format!("GET {path}: {e}"))?;
                 let now = Instant::now();
                 answers += 1;
                 bytes += body.len() as u64;
@@ -835,7 +846,9 @@ async fn measure(opts: &Opts, s: &Setup) -> Res<Metrics> {
     let c0 = cpu(pid);
     let acked = writer(&c, "x", count, opts.watch_rate).await;
     let t = Instant::now();
-    while acked.is_ok() && got.lock().unwrap().len() < count && t.elapsed() < Duration::from_secs(10)
+    while acked.is_ok()
+        && got.lock().unwrap().len() < count
+        && t.elapsed() < Duration::from_secs(10)
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -847,7 +860,10 @@ async fn measure(opts: &Opts, s: &Setup) -> Res<Metrics> {
     let acked = acked?;
     phase_cpu(&mut m, "cpu_mgr_oldwatch", "cpu_etcd_oldwatch", c0);
     let lat = delivery(&acked, &got.lock().unwrap());
-    m.insert("oldwatch_delivered", lat.len() as f64 / count as f64 * 100.0);
+    m.insert(
+        "oldwatch_delivered",
+        lat.len() as f64 / count as f64 * 100.0,
+    );
     m.insert("oldwatch_p50", pct(&lat, 0.5));
     m.insert("oldwatch_p99", pct(&lat, 0.99));
     m.insert("oldwatch_max", pct(&lat, 1.0));
@@ -887,25 +903,85 @@ const ROWS: &[(&str, &str, usize, Option<f64>)] = &[
     ("cli_json", "`fabctl -o json volume ls`, ms", 0, Some(300.0)),
     ("cli_table", "`fabctl volume ls`, ms", 0, Some(300.0)),
     ("watch_p50", "watch delivery (/v1/watch) p50, ms", 1, None),
-    ("watch_p99", "watch delivery (/v1/watch) p99, ms", 1, Some(50.0)),
+    (
+        "watch_p99",
+        "watch delivery (/v1/watch) p99, ms",
+        1,
+        Some(50.0),
+    ),
     ("watch_max", "watch delivery (/v1/watch) max, ms", 1, None),
     ("watch_delivered", "watch: events delivered, %", 0, None),
-    ("oldwatch_p50", "whole-list long-poll delivery p50, ms", 1, None),
-    ("oldwatch_p99", "whole-list long-poll delivery p99, ms", 1, None),
-    ("oldwatch_max", "whole-list long-poll delivery max, ms", 1, None),
-    ("oldwatch_delivered", "whole-list: events delivered, %", 0, None),
-    ("oldwatch_answers", "whole-list: answers in the phase", 0, None),
+    (
+        "oldwatch_p50",
+        "whole-list long-poll delivery p50, ms",
+        1,
+        None,
+    ),
+    (
+        "oldwatch_p99",
+        "whole-list long-poll delivery p99, ms",
+        1,
+        None,
+    ),
+    (
+        "oldwatch_max",
+        "whole-list long-poll delivery max, ms",
+        1,
+        None,
+    ),
+    (
+        "oldwatch_delivered",
+        "whole-list: events delivered, %",
+        0,
+        None,
+    ),
+    (
+        "oldwatch_answers",
+        "whole-list: answers in the phase",
+        0,
+        None,
+    ),
     ("oldwatch_mb", "whole-list: MB sent to the watcher", 0, None),
-    ("cpu_mgr_create_vol", "CPU s volume-mgr, volume creates", 2, None),
-    ("cpu_etcd_create_vol", "CPU s etcd (3 members), volume creates", 2, None),
-    ("cpu_mgr_create_port", "CPU s volume-mgr, port creates", 2, None),
+    (
+        "cpu_mgr_create_vol",
+        "CPU s volume-mgr, volume creates",
+        2,
+        None,
+    ),
+    (
+        "cpu_etcd_create_vol",
+        "CPU s etcd (3 members), volume creates",
+        2,
+        None,
+    ),
+    (
+        "cpu_mgr_create_port",
+        "CPU s volume-mgr, port creates",
+        2,
+        None,
+    ),
     ("cpu_etcd_create_port", "CPU s etcd, port creates", 2, None),
     ("cpu_mgr_get", "CPU s volume-mgr, gets", 2, None),
     ("cpu_mgr_list", "CPU s volume-mgr, lists", 2, None),
-    ("cpu_mgr_watch", "CPU s volume-mgr, /v1/watch phase", 2, None),
-    ("cpu_mgr_oldwatch", "CPU s volume-mgr, whole-list phase", 2, None),
+    (
+        "cpu_mgr_watch",
+        "CPU s volume-mgr, /v1/watch phase",
+        2,
+        None,
+    ),
+    (
+        "cpu_mgr_oldwatch",
+        "CPU s volume-mgr, whole-list phase",
+        2,
+        None,
+    ),
     ("cpu_etcd_watch", "CPU s etcd, /v1/watch phase", 2, None),
-    ("create_vol_retries", "volume creates retried (409)", 0, None),
+    (
+        "create_vol_retries",
+        "volume creates retried (409)",
+        0,
+        None,
+    ),
     ("create_port_retries", "port creates retried (409)", 0, None),
 ];
 
