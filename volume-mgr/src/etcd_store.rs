@@ -17,6 +17,7 @@ use etcd_client::{
     Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::broadcast;
@@ -41,6 +42,68 @@ pub struct EtcdStore {
     prefix: String,
     timeout: Duration,
     commits: broadcast::Sender<u64>,
+    /// The recent changes under the prefix, as the long-lived watch of `follow_commits`
+    /// delivered them (at commit time): `changes` is served from here when it covers the
+    /// range, instead of opening a watch on past revisions (which etcd serves only from its
+    /// 100 ms background sync).
+    ring: Arc<Mutex<Ring>>,
+}
+
+/// Changes with revision in (`from`, `upto`], complete: every commit up to `upto` is in.
+#[derive(Default)]
+struct Ring {
+    from: u64,
+    upto: u64,
+    changes: std::collections::VecDeque<Change>,
+}
+
+/// Changes the ring keeps (whole commits are dropped from the front beyond this).
+const RING_MAX: usize = 20_000;
+
+impl Ring {
+    fn reset(&mut self, rev: u64) {
+        self.changes.clear();
+        self.from = rev;
+        self.upto = rev;
+    }
+
+    /// Drops whole commits from the front until at most `max` changes are kept, or until
+    /// nothing at or below `below` is left.
+    fn trim(&mut self, max: usize, below: u64) {
+        while let Some(front) = self.changes.front() {
+            if self.changes.len() <= max && front.rev >= below {
+                break;
+            }
+            let r = front.rev;
+            while self.changes.front().is_some_and(|c| c.rev == r) {
+                self.changes.pop_front();
+            }
+            self.from = self.from.max(r);
+        }
+        if below > 0 {
+            self.from = self.from.max(below - 1);
+        }
+    }
+
+    /// The changes after `since` up to `upto`, cut at a commit boundary after `limit`;
+    /// `None` when the ring does not cover `since`..`cur`.
+    fn after(&self, since: u64, cur: u64, limit: usize) -> Option<Vec<Change>> {
+        if since < self.from || self.upto < cur {
+            return None;
+        }
+        let mut out: Vec<Change> = Vec::new();
+        for c in self
+            .changes
+            .iter()
+            .filter(|c| c.rev > since && c.rev <= cur)
+        {
+            if out.len() >= limit && out.last().is_some_and(|l| l.rev != c.rev) {
+                break;
+            }
+            out.push(c.clone());
+        }
+        Some(out)
+    }
 }
 
 pub(crate) fn etcd_err(what: &str, e: etcd_client::Error) -> StoreError {
@@ -169,14 +232,18 @@ impl EtcdStore {
             prefix,
             timeout,
             commits: broadcast::channel(crate::store::SUBSCRIBE_CAPACITY).0,
+            ring: Arc::new(Mutex::new(Ring::default())),
         };
         let last = store
             .revision()
             .map_err(|e| StoreError::Backend(format!("{e} (endpoints {endpoints:?})")))?;
+        store.ring.lock().unwrap().reset(last);
         store.handle.spawn(follow_commits(
             store.client.clone(),
+            store.prefix.clone(),
             store.rev_key(),
             store.commits.clone(),
+            store.ring.clone(),
             last,
         ));
         Ok(store)
@@ -196,6 +263,8 @@ impl EtcdStore {
     /// `changes` from before it then return `Compacted`. Operators normally let etcd's
     /// auto-compaction do this.
     pub fn compact(&self, rev: u64) -> Result<(), StoreError> {
+        // What etcd no longer has, this store no longer serves either.
+        self.ring.lock().unwrap().trim(RING_MAX, rev);
         let mut kv = self.kv.clone();
         block_on(&self.handle, self.timeout, "compact", async move {
             kv.compact(rev as i64, Some(CompactionOptions::new().with_physical()))
@@ -250,18 +319,26 @@ impl Drop for EtcdStore {
     }
 }
 
-/// Sends the revision of every commit under the prefix (seen as puts of its revision key) to
-/// `tx`, from `last` on; reconnects after any failure and resumes after the last revision seen.
+/// Follows every change under the prefix with one long-lived watch: each change goes into
+/// `ring`, and the revision of every commit (seen as the put of its revision key, the last
+/// write of each commit) to `tx`, from `last` on; reconnects after any failure and resumes
+/// after the last complete commit.
 async fn follow_commits(
     client: Client,
+    prefix: String,
     rev_key: String,
     tx: broadcast::Sender<u64>,
+    ring: Arc<Mutex<Ring>>,
     mut last: u64,
 ) {
     loop {
         let mut w = client.watch_client();
-        let opts = WatchOptions::new().with_start_revision(last as i64 + 1);
-        if let Ok(mut stream) = w.watch(rev_key.clone(), Some(opts)).await {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(last as i64 + 1);
+        // Changes of commits not yet complete (their revision key not seen yet).
+        let mut pending: Vec<Change> = Vec::new();
+        if let Ok(mut stream) = w.watch(prefix.clone(), Some(opts)).await {
             while let Ok(Some(resp)) = stream.message().await {
                 if resp.compact_revision() > 0 {
                     // The revisions in between are gone: go on from the current one (the
@@ -270,19 +347,48 @@ async fn follow_commits(
                     if let Ok(r) = kv.get(rev_key.clone(), None).await {
                         if let Some(kv) = r.kvs().first() {
                             last = last.max(kv.mod_revision() as u64);
+                            ring.lock().unwrap().reset(last);
                             let _ = tx.send(last);
                         }
                     }
                     break;
                 }
                 for ev in resp.events() {
-                    if let Some(kv) = ev.kv() {
-                        let rev = kv.mod_revision() as u64;
-                        if rev > last {
-                            last = rev;
-                            let _ = tx.send(rev);
-                        }
+                    let Some(kv) = ev.kv() else { continue };
+                    let rev = kv.mod_revision() as u64;
+                    if rev <= last {
+                        continue;
                     }
+                    if kv.key() == rev_key.as_bytes() {
+                        let mut r = ring.lock().unwrap();
+                        r.changes.extend(pending.drain(..).filter(|c| c.rev <= rev));
+                        r.upto = rev;
+                        r.trim(RING_MAX, 0);
+                        drop(r);
+                        last = rev;
+                        let _ = tx.send(rev);
+                        continue;
+                    }
+                    let Some((kind, name)) = kv
+                        .key()
+                        .get(prefix.len()..)
+                        .and_then(|k| std::str::from_utf8(k).ok())
+                        .and_then(Kind::parse_key)
+                    else {
+                        continue;
+                    };
+                    if kind == Kind::Leader {
+                        continue;
+                    }
+                    pending.push(Change {
+                        rev,
+                        kind,
+                        name: name.to_string(),
+                        value: match ev.event_type() {
+                            EventType::Put => Some(kv.value().to_vec()),
+                            EventType::Delete => None,
+                        },
+                    });
                 }
                 if resp.canceled() {
                     break;
@@ -429,6 +535,18 @@ impl Store for EtcdStore {
         };
         if since >= cur {
             return Ok(Vec::new());
+        }
+        // From the ring when it covers the range: it lags the commit by one watch
+        // notification, so give it a moment before falling back to etcd's history.
+        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        loop {
+            if let Some(out) = self.ring.lock().unwrap().after(since, cur, limit) {
+                return Ok(out);
+            }
+            if self.ring.lock().unwrap().from > since || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         // Nothing under the prefix predates its first commit (which created the revision key).
         let start = (since + 1).max(created);
