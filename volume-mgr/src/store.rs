@@ -179,6 +179,9 @@ pub struct RedbStore {
     db: redb::Database,
     history: u64,
     commits: broadcast::Sender<u64>,
+    /// Held from the start of a write transaction until its revision is sent to the
+    /// subscribers, so they hear the revisions in commit order.
+    writer: std::sync::Mutex<()>,
 }
 
 fn be<E: std::fmt::Display>(e: E) -> StoreError {
@@ -221,6 +224,7 @@ impl RedbStore {
             db,
             history: history.max(1),
             commits: broadcast::channel(SUBSCRIBE_CAPACITY).0,
+            writer: std::sync::Mutex::new(()),
         })
     }
 
@@ -228,6 +232,7 @@ impl RedbStore {
     /// with `since + 1 < rev` then returns `Compacted`.
     pub fn compact(&self, rev: u64) -> Result<(), StoreError> {
         use redb::ReadableTable;
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut tx = self.db.begin_write().map_err(be)?;
         tx.set_durability(redb::Durability::Immediate).map_err(be)?;
         {
@@ -272,6 +277,7 @@ impl Store for RedbStore {
 
     fn commit(&self, conds: &[Cond], ops: &[Op]) -> Result<u64, StoreError> {
         use redb::ReadableTable;
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut tx = self.db.begin_write().map_err(be)?;
         // Explicit although it is redb's default: the commit is on disk when `commit` returns.
         tx.set_durability(redb::Durability::Immediate).map_err(be)?;
