@@ -174,6 +174,42 @@ pub fn plan(
     out
 }
 
+/// Members on out nodes that can simply leave their set: the set has `replicas` in-service
+/// members on up nodes besides them (it was mid-move when the node was lost: a rebalance or
+/// drain had added a member). Replacing them would give the set a member too many, and with
+/// every node already in the set no replacement exists at all (pure: unit-tested).
+pub fn plan_surplus_removals(
+    volumes: &[api::Volume],
+    nodes: &HashMap<String, NodeView>,
+) -> Vec<DrainStep> {
+    let mut out = Vec::new();
+    for v in volumes {
+        for (s, set) in v.sets.iter().enumerate() {
+            for (i, m) in set.members.iter().enumerate() {
+                if !nodes.get(&m.node).is_none_or(|n| n.out) {
+                    continue;
+                }
+                let others = set
+                    .members
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, o)| {
+                        *j != i && o.in_service && nodes.get(&o.node).is_some_and(|n| n.up)
+                    })
+                    .count();
+                if others >= v.replicas.max(1) as usize {
+                    out.push(DrainStep::Remove {
+                        volume: v.name.clone(),
+                        set: s,
+                        node: m.node.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One drain step (see [`plan_drain`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DrainStep {
@@ -418,6 +454,12 @@ pub async fn pass(app: &App) -> Result<usize, String> {
         .filter(|m| !m.in_service && views.get(&m.node).is_some_and(|n| n.up))
         .count();
     let budget = MAX_SYNCING.saturating_sub(syncing);
+    // Lost members of sets that have R good copies without them just leave (no copy).
+    let surplus = plan_surplus_removals(&vols, &views);
+    if !surplus.is_empty() {
+        rebalance_blocked(app, "replicas are being re-homed (recovery first)");
+        return apply_steps(app, &vols, &raw, &surplus, "lost surplus member");
+    }
     let (_, ds) = crate::server::disks(app).map_err(err)?;
     let candidates = crate::server::placement_candidates(app, &ds).map_err(err)?;
     let moves = if budget == 0 {
@@ -997,6 +1039,32 @@ mod tests {
                 weight: 1.0,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_lost_member_of_a_set_with_r_good_copies_just_leaves() {
+        // Mid-move sets (R + 1 members) when c is lost: set 0 has 3 good copies without c,
+        // set 1 only 2 (its new member d is still syncing), set 2 is a plain 3-member set.
+        let v = vol(
+            "v",
+            vec![
+                vec![("a", true), ("b", true), ("c", true), ("d", true)],
+                vec![("a", true), ("b", true), ("c", true), ("d", false)],
+                vec![("a", true), ("b", true), ("c", true)],
+            ],
+        );
+        let nodes = views(&["a", "b", "d"], &["c"]);
+        let r = plan_surplus_removals(std::slice::from_ref(&v), &nodes);
+        assert_eq!(
+            r,
+            vec![DrainStep::Remove {
+                volume: "v".into(),
+                set: 0,
+                node: "c".into()
+            }]
+        );
+        // Nothing out: nothing to remove.
+        assert!(plan_surplus_removals(&[v], &views(&["a", "b", "c", "d"], &[])).is_empty());
     }
 
     #[test]
