@@ -369,26 +369,9 @@ async fn follow_commits(
                         let _ = tx.send(rev);
                         continue;
                     }
-                    let Some((kind, name)) = kv
-                        .key()
-                        .get(prefix.len()..)
-                        .and_then(|k| std::str::from_utf8(k).ok())
-                        .and_then(Kind::parse_key)
-                    else {
-                        continue;
-                    };
-                    if kind == Kind::Leader {
-                        continue;
+                    if let Some(c) = change_of(&prefix, ev, rev) {
+                        pending.push(c);
                     }
-                    pending.push(Change {
-                        rev,
-                        kind,
-                        name: name.to_string(),
-                        value: match ev.event_type() {
-                            EventType::Put => Some(kv.value().to_vec()),
-                            EventType::Delete => None,
-                        },
-                    });
                 }
                 if resp.canceled() {
                     break;
@@ -397,6 +380,29 @@ async fn follow_commits(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The store change an etcd watch event under `prefix` records (None: not an object key, or
+/// the election key, which the feed leaves out).
+fn change_of(prefix: &str, ev: &etcd_client::Event, rev: u64) -> Option<Change> {
+    let kv = ev.kv()?;
+    let (kind, name) = kv
+        .key()
+        .get(prefix.len()..)
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .and_then(Kind::parse_key)?;
+    if kind == Kind::Leader {
+        return None;
+    }
+    Some(Change {
+        rev,
+        kind,
+        name: name.to_string(),
+        value: match ev.event_type() {
+            EventType::Put => Some(kv.value().to_vec()),
+            EventType::Delete => None,
+        },
+    })
 }
 
 impl Store for EtcdStore {
@@ -592,24 +598,9 @@ impl Store for EtcdStore {
                         }
                         continue;
                     }
-                    let Some((kind, name)) = std::str::from_utf8(&kv.key()[prefix.len()..])
-                        .ok()
-                        .and_then(Kind::parse_key)
-                    else {
-                        continue;
-                    };
-                    if kind == Kind::Leader {
-                        continue;
+                    if let Some(c) = change_of(&prefix, ev, rev) {
+                        out.push(c);
                     }
-                    out.push(Change {
-                        rev,
-                        kind,
-                        name: name.to_string(),
-                        value: match ev.event_type() {
-                            EventType::Put => Some(kv.value().to_vec()),
-                            EventType::Delete => None,
-                        },
-                    });
                 }
             }
         })
